@@ -1,0 +1,5 @@
+import sys
+
+from diffusiond.cli import main
+
+sys.exit(main())

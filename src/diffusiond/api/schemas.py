@@ -1,0 +1,207 @@
+"""Request validation and response rendering for the wire format (camelCase JSON)."""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from diffusiond.errors import InvalidRequest
+from diffusiond.jobs.models import SAMPLERS, GenerationRequest, Job, JobStatus, Progress, Result
+
+MAX_TEXT_CHARS = 10_000
+MAX_SEED = 2**32 - 1
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_in_range(field: str, low: int, high: int, extra: str = "") -> Callable[[object], int]:
+    rule = f"an integer from {low} to {high}{extra}"
+
+    def check(value: object) -> int:
+        if not _is_int(value):
+            raise InvalidRequest(
+                f"{field} must be {rule}, got {_show(value)}", field=field, rule=rule
+            )
+        assert isinstance(value, int)
+        if not low <= value <= high:
+            raise InvalidRequest(f"{field} must be {rule}, got {value}", field=field, rule=rule)
+        return value
+
+    return check
+
+
+def _dimension(field: str) -> Callable[[object], int]:
+    in_range = _int_in_range(field, 64, 2048, ", a multiple of 8")
+
+    def check(value: object) -> int:
+        number = in_range(value)
+        if number % 8:
+            rule = "an integer from 64 to 2048, a multiple of 8"
+            raise InvalidRequest(f"{field} must be {rule}, got {number}", field=field, rule=rule)
+        return number
+
+    return check
+
+
+def _text(field: str, *, required: bool) -> Callable[[object], str]:
+    rule = f"a string of at most {MAX_TEXT_CHARS} characters"
+    if required:
+        rule = f"a non-empty string of at most {MAX_TEXT_CHARS} characters"
+
+    def check(value: object) -> str:
+        if not isinstance(value, str):
+            raise InvalidRequest(
+                f"{field} must be {rule}, got {_show(value)}", field=field, rule=rule
+            )
+        if required and not value.strip():
+            raise InvalidRequest(
+                f"{field} must not be empty or only whitespace", field=field, rule=rule
+            )
+        if len(value) > MAX_TEXT_CHARS:
+            raise InvalidRequest(
+                f"{field} must be {rule}, got {len(value)} characters", field=field, rule=rule
+            )
+        return value
+
+    return check
+
+
+def _cfg_scale(value: object) -> float:
+    rule = "a number from 0 to 30"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(
+            f"cfgScale must be {rule}, got {_show(value)}", field="cfgScale", rule=rule
+        )
+    if not math.isfinite(value) or not 0 <= value <= 30:
+        raise InvalidRequest(f"cfgScale must be {rule}, got {value}", field="cfgScale", rule=rule)
+    return float(value)
+
+
+def _seed(value: object) -> int | None:
+    rule = f"an integer from 0 to {MAX_SEED}, or -1 or null for a random seed"
+    if not _is_int(value):
+        raise InvalidRequest(f"seed must be {rule}, got {_show(value)}", field="seed", rule=rule)
+    assert isinstance(value, int)
+    if value == -1:
+        return None
+    if not 0 <= value <= MAX_SEED:
+        raise InvalidRequest(f"seed must be {rule}, got {value}", field="seed", rule=rule)
+    return value
+
+
+def _sampler(value: object) -> str:
+    rule = f"one of {', '.join(SAMPLERS)}"
+    if not isinstance(value, str) or value not in SAMPLERS:
+        raise InvalidRequest(
+            f"sampler must be {rule}, got {_show(value)}", field="sampler", rule=rule
+        )
+    return value
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        return repr(shown)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def parse_generation_request(body: bytes, *, max_batch: int) -> GenerationRequest:
+    """Validate a POST body into a request; every error names the field and the rule."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object with at least a prompt")
+    if data.get("prompt") is None:
+        raise InvalidRequest(
+            "prompt is required",
+            field="prompt",
+            rule=f"a non-empty string of at most {MAX_TEXT_CHARS} characters",
+        )
+
+    fields: dict[str, tuple[str, Callable[[object], Any]]] = {
+        "prompt": ("prompt", _text("prompt", required=True)),
+        "negativePrompt": ("negative_prompt", _text("negativePrompt", required=False)),
+        "width": ("width", _dimension("width")),
+        "height": ("height", _dimension("height")),
+        "steps": ("steps", _int_in_range("steps", 1, 150)),
+        "cfgScale": ("cfg_scale", _cfg_scale),
+        "seed": ("seed", _seed),
+        "sampler": ("sampler", _sampler),
+        "count": ("count", _int_in_range("count", 1, max_batch)),
+    }
+    values: dict[str, Any] = {}
+    for wire_name, (name, check) in fields.items():
+        raw = data.get(wire_name)
+        if raw is not None:  # null means "use the default"
+            values[name] = check(raw)
+    return GenerationRequest(**values)
+
+
+# -- rendering ---------------------------------------------------------------------------
+
+
+def dump(payload: object) -> bytes:
+    return orjson.dumps(payload)
+
+
+def progress_body(progress: Progress) -> dict[str, object]:
+    return {
+        "currentStep": progress.current_step,
+        "totalSteps": progress.total_steps,
+        "stage": progress.stage.value,
+        "percentage": progress.percentage,
+        "currentImage": progress.current_image,
+        "totalImages": progress.total_images,
+    }
+
+
+def result_body(result: Result) -> dict[str, object]:
+    return {
+        "images": [
+            {
+                "image": base64.b64encode(image.png).decode("ascii"),
+                "seed": image.seed,
+                "width": image.width,
+                "height": image.height,
+            }
+            for image in result.images
+        ],
+        "format": result.format,
+        "timeTaken": result.time_taken_ms,
+    }
+
+
+def summary_body(job: Job) -> dict[str, object]:
+    return {
+        "id": job.id,
+        "status": job.status.value,
+        "createdAt": job.created_at,
+        "updatedAt": job.updated_at,
+    }
+
+
+def job_body(job: Job) -> dict[str, object]:
+    body = summary_body(job)
+    if job.status is JobStatus.IN_PROGRESS and job.progress is not None:
+        body["progress"] = progress_body(job.progress)
+    if job.result is not None:
+        body["result"] = result_body(job.result)
+    if job.error is not None:
+        body["error"] = {"message": job.error.message, "code": job.error.code.value}
+    return body

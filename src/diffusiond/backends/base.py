@@ -1,0 +1,66 @@
+"""The protocol between the engine and a model backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from diffusiond.jobs.models import Stage
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Everything a backend needs to draw one image; `seed` is always concrete."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    seed: int
+    sampler: str
+
+
+# stage, current step within the stage, total steps of the stage
+StageCallback = Callable[[Stage, int, int], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What /health reports about the loaded model."""
+
+    name: str
+    model: str
+    device: str
+    dtype: str
+
+
+class GenerationCancelled(Exception):
+    """Raised inside a generation when its job was cancelled; stops it at the next step."""
+
+
+class DeviceOutOfMemory(Exception):
+    """The device ran out of memory while generating."""
+
+
+class Backend(Protocol):
+    """A loaded model that draws one image at a time.
+
+    `load()` runs once, before any `generate()`. `generate()` reports each stage through
+    `on_stage`, calls `should_cancel()` at least once per diffusion step and raises
+    `GenerationCancelled` when it answers True, and returns an RGB image.
+    """
+
+    def load(self) -> None: ...
+
+    def info(self) -> BackendInfo: ...
+
+    def generate(
+        self, spec: ImageSpec, on_stage: StageCallback, should_cancel: CancelCheck
+    ) -> Image: ...

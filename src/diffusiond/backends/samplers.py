@@ -1,0 +1,60 @@
+"""The API's sampler names (stable-diffusion.cpp's vocabulary) mapped to diffusers schedulers.
+
+One table; a scheduler is built from the model's own scheduler config for every request,
+never mutated on a shared pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LCMScheduler,
+    UniPCMultistepScheduler,
+)
+
+from diffusiond.jobs.models import SAMPLERS
+
+
+@dataclass(frozen=True)
+class SchedulerChoice:
+    scheduler_class: type[Any]
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+SCHEDULERS: Mapping[str, SchedulerChoice] = {
+    "euler_a": SchedulerChoice(EulerAncestralDiscreteScheduler),
+    "euler": SchedulerChoice(EulerDiscreteScheduler),
+    "heun": SchedulerChoice(HeunDiscreteScheduler),
+    "dpm2": SchedulerChoice(KDPM2DiscreteScheduler),
+    "dpm++2s_a": SchedulerChoice(DPMSolverSinglestepScheduler, {"solver_order": 2}),
+    "dpm++2m": SchedulerChoice(
+        DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}
+    ),
+    # The second-order variant: the same multistep solver with Heun's update in place of
+    # the midpoint one.
+    "dpm++2mv2": SchedulerChoice(
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "heun"},
+    ),
+    "lcm": SchedulerChoice(LCMScheduler),
+    "ddim": SchedulerChoice(DDIMScheduler),
+    "unipc": SchedulerChoice(UniPCMultistepScheduler),
+}
+
+assert tuple(SCHEDULERS) == SAMPLERS, "the scheduler table must cover every API sampler"
+
+
+def make_scheduler(sampler: str, base_config: Mapping[str, Any]) -> Any:
+    """A fresh scheduler for `sampler`, built from the model's scheduler config."""
+    choice = SCHEDULERS[sampler]
+    return choice.scheduler_class.from_config(dict(base_config), **choice.overrides)

@@ -1,0 +1,266 @@
+"""Admission, worker threads, cancel tokens, and the record of how each job ends."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL.Image import Image
+
+from diffusiond.backends.base import Backend, BackendInfo, GenerationCancelled
+from diffusiond.engine.batch import BatchFailed, run_batch
+from diffusiond.errors import AlreadyTerminal, NotFound, ServerBusy, ServerNotReady
+from diffusiond.imaging import encode_png
+from diffusiond.jobs.models import (
+    ErrorCode,
+    GenerationRequest,
+    Job,
+    JobError,
+    Progress,
+    Result,
+)
+from diffusiond.jobs.registry import GenerationRegistry
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    admitted: int
+    max_concurrent: int
+
+
+class _Admitted:
+    """An admitted job's cancel token and, once it runs, when it started."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.started_at: float | None = None
+
+
+class Engine:
+    """Runs generations on `max_concurrent` worker threads outside the event loop.
+
+    A job is admitted only while fewer than `max_concurrent` admitted jobs are unfinished;
+    otherwise `submit` raises `ServerBusy`. Cancelling frees the job's slot at once; the
+    worker stops the generation at its next diffusion step.
+    """
+
+    def __init__(
+        self,
+        registry: GenerationRegistry,
+        backend: Backend,
+        *,
+        max_concurrent: int,
+        encode: Callable[[Image], bytes] = encode_png,
+    ) -> None:
+        self._registry = registry
+        self._backend = backend
+        self._max_concurrent = max_concurrent
+        self._encode = encode
+        self._lock = threading.Lock()
+        self._admitted: dict[str, _Admitted] = {}
+        self._running = 0
+        self._queue: queue.SimpleQueue[tuple[str, GenerationRequest] | object] = queue.SimpleQueue()
+        self._ready = threading.Event()
+        self._load_error: str | None = None
+        self._workers = [
+            threading.Thread(target=self._work, name=f"generation-worker-{n}", daemon=True)
+            for n in range(max_concurrent)
+        ]
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        for worker in self._workers:
+            worker.start()
+
+    def load_model(self) -> None:
+        """Load the backend's model (blocking). On failure, remember why and re-raise."""
+        started = time.monotonic()
+        try:
+            self._backend.load()
+        except BaseException as exc:
+            self._load_error = str(exc) or type(exc).__name__
+            raise
+        self._ready.set()
+        log.info("model ready in %.1f s: %s", time.monotonic() - started, self._backend.info())
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Cancel what runs, stop the workers, and wait for them up to `timeout_s`."""
+        with self._lock:
+            for job_id, admitted in self._admitted.items():
+                admitted.cancelled.set()
+                self._end_quietly(job_id, self._registry.cancel)
+        for _ in self._workers:
+            self._queue.put(_STOP)
+        deadline = time.monotonic() + timeout_s
+        for worker in self._workers:
+            if worker.is_alive():
+                worker.join(max(0.0, deadline - time.monotonic()))
+
+    # -- what the API calls ------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def load_error(self) -> str | None:
+        return self._load_error
+
+    def info(self) -> BackendInfo:
+        return self._backend.info()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(self._running, len(self._admitted), self._max_concurrent)
+
+    def submit(self, request: GenerationRequest) -> Job:
+        if not self._ready.is_set():
+            raise ServerNotReady(self._not_ready_message())
+        with self._lock:
+            if len(self._admitted) >= self._max_concurrent:
+                raise ServerBusy(
+                    f"all {self._max_concurrent} generation worker(s) are busy",
+                    retry_after_s=self._retry_after_s(),
+                )
+            job = self._registry.create(request)
+            self._admitted[job.id] = _Admitted()
+        self._queue.put((job.id, request))
+        log.info(
+            "job %s pending: %dx%d, %d step(s), count %d",
+            job.id,
+            request.width,
+            request.height,
+            request.steps,
+            request.count,
+        )
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a pending or running job (idempotent); its slot is free on return."""
+        with self._lock:
+            job = self._registry.cancel(job_id)
+            admitted = self._admitted.pop(job_id, None)
+            if admitted is not None:
+                admitted.cancelled.set()
+                log.info("job %s cancelled", job_id)
+        return job
+
+    # -- the workers -------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            assert isinstance(item, tuple)
+            job_id, request = item
+            try:
+                self._run(job_id, request)
+            except BaseException:
+                # Whatever broke, the job must still end: nothing accepted stays open.
+                log.exception("job %s: unexpected failure in the worker", job_id)
+                self._end_quietly(
+                    job_id,
+                    lambda jid: self._registry.fail(
+                        jid, JobError("Generation failed: internal error", ErrorCode.UNKNOWN_ERROR)
+                    ),
+                )
+            finally:
+                with self._lock:
+                    self._admitted.pop(job_id, None)
+
+    def _run(self, job_id: str, request: GenerationRequest) -> None:
+        with self._lock:
+            admitted = self._admitted.get(job_id)
+            if admitted is None or admitted.cancelled.is_set():
+                return  # cancelled while it waited
+            try:
+                self._registry.start(job_id)
+            except (AlreadyTerminal, NotFound):
+                return
+            admitted.started_at = time.monotonic()
+            self._running += 1
+        try:
+            self._generate(job_id, request, admitted)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def _generate(self, job_id: str, request: GenerationRequest, admitted: _Admitted) -> None:
+        started = time.monotonic()
+
+        def report(progress: Progress) -> None:
+            try:
+                self._registry.report_progress(job_id, progress)
+            except (AlreadyTerminal, NotFound):
+                admitted.cancelled.set()  # the job ended elsewhere: stop drawing it
+
+        try:
+            images = run_batch(
+                self._backend,
+                request,
+                report=report,
+                should_cancel=admitted.cancelled.is_set,
+                encode=self._encode,
+            )
+        except GenerationCancelled:
+            log.info("job %s stopped after %.2f s (cancelled)", job_id, time.monotonic() - started)
+            return
+        except BatchFailed as failure:
+            error = failure.to_job_error()
+            log.warning(
+                "job %s error %s: %s",
+                job_id,
+                error.code.value,
+                error.message,
+                exc_info=failure.cause,
+            )
+            self._end_quietly(job_id, lambda jid: self._registry.fail(jid, error))
+            return
+        elapsed_ms = round((time.monotonic() - started) * 1000)
+        self._end_quietly(
+            job_id, lambda jid: self._registry.complete(jid, Result(images, elapsed_ms))
+        )
+        log.info("job %s complete in %d ms", job_id, elapsed_ms)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    @staticmethod
+    def _end_quietly(job_id: str, end: Callable[[str], Job]) -> None:
+        """Record a final state unless the job already has one (a cancel won the race)."""
+        with contextlib.suppress(AlreadyTerminal, NotFound):
+            end(job_id)
+
+    def _not_ready_message(self) -> str:
+        if self._load_error is not None:
+            return f"the model failed to load: {self._load_error}"
+        return "the model is still loading"
+
+    def _retry_after_s(self) -> int:
+        """Seconds until the soonest running job should finish, from its own pace (1..60)."""
+        now = time.monotonic()
+        estimates: list[float] = []
+        for job_id, admitted in self._admitted.items():
+            if admitted.started_at is None:
+                continue
+            try:
+                progress = self._registry.get(job_id).progress
+            except NotFound:
+                continue
+            if progress is not None and progress.percentage > 0:
+                elapsed = now - admitted.started_at
+                estimates.append(elapsed * (100 - progress.percentage) / progress.percentage)
+        soonest = min(estimates, default=1.0)
+        return min(60, max(1, math.ceil(soonest)))

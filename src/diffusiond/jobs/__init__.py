@@ -1,0 +1,1 @@
+"""Jobs: their states, their data, their ids and the registry that keeps them."""

@@ -1,0 +1,132 @@
+"""The job's types: its status machine, its request, progress, result and error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class JobStatus(str, Enum):
+    """Where a job is in its life. Terminal states never change again."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETE = "complete"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+    def can_become(self, target: JobStatus) -> bool:
+        return target in _TRANSITIONS[self]
+
+
+_TERMINAL = frozenset({JobStatus.COMPLETE, JobStatus.ERROR, JobStatus.CANCELLED})
+
+# The one transition table: every state change in the program is checked against it.
+_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.PENDING: frozenset({JobStatus.IN_PROGRESS, JobStatus.ERROR, JobStatus.CANCELLED}),
+    JobStatus.IN_PROGRESS: frozenset(
+        {JobStatus.IN_PROGRESS, JobStatus.COMPLETE, JobStatus.ERROR, JobStatus.CANCELLED}
+    ),
+    JobStatus.COMPLETE: frozenset(),
+    JobStatus.ERROR: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+class Stage(str, Enum):
+    """What the current image of a running job is doing."""
+
+    LOADING = "loading"
+    DIFFUSION = "diffusion"
+    DECODING = "decoding"
+
+
+class ErrorCode(str, Enum):
+    """Codes stored in a failed job."""
+
+    BACKEND_ERROR = "BACKEND_ERROR"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
+    IO_ERROR = "IO_ERROR"
+    TIMEOUT_ERROR = "TIMEOUT_ERROR"
+    UNKNOWN_ERROR = "UNKNOWN_ERROR"
+
+
+SAMPLERS: tuple[str, ...] = (
+    "euler_a",
+    "euler",
+    "heun",
+    "dpm2",
+    "dpm++2s_a",
+    "dpm++2m",
+    "dpm++2mv2",
+    "lcm",
+    "ddim",
+    "unipc",
+)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request: every field present, every rule already checked."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg_scale: float = 7.5
+    seed: int | None = None
+    sampler: str = "euler_a"
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A running job's progress; steps count within the current stage of the current image."""
+
+    stage: Stage
+    current_step: int
+    total_steps: int
+    percentage: float
+    current_image: int
+    total_images: int
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One finished image, encoded once as PNG."""
+
+    png: bytes
+    seed: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Result:
+    images: tuple[GeneratedImage, ...]
+    time_taken_ms: int
+    format: str = "png"
+
+
+@dataclass(frozen=True)
+class JobError:
+    message: str
+    code: ErrorCode
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of one job. Never mutated: the registry replaces it on every change."""
+
+    id: str
+    request: GenerationRequest
+    status: JobStatus
+    created_at: int
+    updated_at: int
+    progress: Progress | None = None
+    result: Result | None = None
+    error: JobError | None = None

@@ -1,0 +1,183 @@
+"""The generation registry: the only place a job's state changes, thread-safe, with a TTL."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from diffusiond.errors import AlreadyTerminal, NotFound
+from diffusiond.jobs.ids import new_generation_id
+from diffusiond.jobs.models import (
+    GenerationRequest,
+    Job,
+    JobError,
+    JobStatus,
+    Progress,
+    Result,
+)
+from diffusiond.jobs.store import JobStore, MemoryStore
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], int]
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class GenerationRegistry:
+    """Creates jobs and moves them through their lifecycle.
+
+    Every change goes through a named method that checks the transition table; a change
+    asked of a terminal job raises `AlreadyTerminal`, so nothing can resurrect a finished,
+    failed or cancelled job. Percentages never decrease while a job runs.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl_ms: int,
+        store: JobStore | None = None,
+        clock: Clock = wall_clock_ms,
+        id_factory: Callable[[int], str] = new_generation_id,
+    ) -> None:
+        self._ttl_ms = ttl_ms
+        self._store: JobStore = store if store is not None else MemoryStore()
+        self._clock = clock
+        self._new_id = id_factory
+        self._lock = threading.Lock()
+
+    def create(self, request: GenerationRequest) -> Job:
+        with self._lock:
+            now = self._clock()
+            job_id = self._new_id(now)
+            while self._store.get(job_id) is not None:
+                job_id = self._new_id(now)
+            job = Job(
+                id=job_id,
+                request=request,
+                status=JobStatus.PENDING,
+                created_at=now,
+                updated_at=now,
+            )
+            self._store.put(job)
+            return job
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._store.get(job_id)
+        if job is None:
+            raise NotFound(f"no generation with id {job_id!r} (unknown or expired)")
+        return job
+
+    def list(self) -> list[Job]:
+        """Every job, newest first."""
+        with self._lock:
+            return list(self._store.newest_first())
+
+    def delete(self, job_id: str) -> bool:
+        with self._lock:
+            return self._store.delete(job_id)
+
+    def start(self, job_id: str) -> Job:
+        return self._transition(job_id, JobStatus.IN_PROGRESS)
+
+    def report_progress(self, job_id: str, progress: Progress) -> Job:
+        def keep_rising(job: Job) -> dict[str, Any]:
+            floor = job.progress.percentage if job.progress is not None else 0.0
+            if progress.percentage < floor:
+                return {"progress": dataclasses.replace(progress, percentage=floor)}
+            return {"progress": progress}
+
+        return self._transition(job_id, JobStatus.IN_PROGRESS, keep_rising)
+
+    def complete(self, job_id: str, result: Result) -> Job:
+        return self._transition(
+            job_id, JobStatus.COMPLETE, lambda _: {"result": result, "progress": None}
+        )
+
+    def fail(self, job_id: str, error: JobError) -> Job:
+        return self._transition(
+            job_id, JobStatus.ERROR, lambda _: {"error": error, "progress": None}
+        )
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a pending or running job; cancelling a cancelled job is a no-op."""
+        with self._lock:
+            job = self._require(job_id)
+            if job.status is JobStatus.CANCELLED:
+                return job
+            return self._apply(job, JobStatus.CANCELLED, {"progress": None})
+
+    def cleanup(self) -> int:
+        """Delete terminal jobs whose TTL since their last change has passed; never others."""
+        with self._lock:
+            now = self._clock()
+            expired = [
+                job.id
+                for job in self._store.newest_first()
+                if job.status.is_terminal() and now - job.updated_at >= self._ttl_ms
+            ]
+            for job_id in expired:
+                self._store.delete(job_id)
+        if expired:
+            log.debug("ttl sweep removed %d job(s)", len(expired))
+        return len(expired)
+
+    def _transition(
+        self,
+        job_id: str,
+        target: JobStatus,
+        changes: Callable[[Job], dict[str, Any]] = lambda _: {},
+    ) -> Job:
+        with self._lock:
+            job = self._require(job_id)
+            return self._apply(job, target, changes(job))
+
+    def _require(self, job_id: str) -> Job:
+        job = self._store.get(job_id)
+        if job is None:
+            raise NotFound(f"no generation with id {job_id!r} (unknown or expired)")
+        return job
+
+    def _apply(self, job: Job, target: JobStatus, changes: dict[str, Any]) -> Job:
+        if not job.status.can_become(target):
+            raise AlreadyTerminal(
+                f"generation {job.id} is already {job.status.value}; it cannot become "
+                f"{target.value}"
+            )
+        # updatedAt never goes back, even if the wall clock does.
+        now = max(self._clock(), job.updated_at)
+        updated = dataclasses.replace(job, status=target, updated_at=now, **changes)
+        self._store.put(updated)
+        return updated
+
+
+class TtlSweeper:
+    """Runs `registry.cleanup()` every `interval_ms` on a daemon thread until stopped."""
+
+    def __init__(self, registry: GenerationRegistry, interval_ms: int) -> None:
+        self._registry = registry
+        self._interval_s = interval_ms / 1000
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ttl-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._registry.cleanup()
+            except Exception:  # a sweep that fails must not end the sweeping
+                log.exception("ttl sweep failed")

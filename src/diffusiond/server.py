@@ -1,0 +1,120 @@
+"""Wiring and running the server: registry, backend, engine, sweeper and uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import sys
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from starlette.applications import Starlette
+
+from diffusiond.api.app import ApiConfig, create_app
+from diffusiond.backends.base import Backend
+from diffusiond.engine.engine import Engine
+from diffusiond.errors import ModelLoadError, SettingsError
+from diffusiond.jobs.registry import GenerationRegistry, TtlSweeper
+from diffusiond.settings import Settings
+
+log = logging.getLogger("diffusiond")
+
+
+def make_backend(settings: Settings) -> Backend:
+    """The backend `settings.backend` names, checked enough to fail fast on a bad model path."""
+    if settings.backend == "diffusers":
+        from diffusiond.backends.diffusers_backend import DiffusersBackend, check_model_folder
+
+        if settings.model is not None:
+            check_model_folder(settings.model)
+        return DiffusersBackend(
+            model_path=settings.model,
+            home=settings.home,
+            device=settings.device,
+            torch_threads=settings.torch_threads,
+        )
+    module_name, _, attribute = settings.backend.partition(":")
+    if not module_name or not attribute:
+        raise SettingsError(
+            f"--backend must be 'diffusers' or module:factory, got {settings.backend!r}"
+        )
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise SettingsError(f"--backend {settings.backend!r} cannot be imported: {exc}") from None
+    backend: Backend = factory(settings)
+    return backend
+
+
+class Service:
+    """The parts of a running server and their start and stop, in order."""
+
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.registry = GenerationRegistry(ttl_ms=settings.result_ttl_ms)
+        self.engine = Engine(self.registry, backend, max_concurrent=settings.max_concurrent)
+        self.sweeper = TtlSweeper(self.registry, settings.cleanup_interval_ms)
+        self.load_failure: str | None = None
+        self._uvicorn: uvicorn.Server | None = None
+
+    def app(self) -> Starlette:
+        config = ApiConfig(
+            max_batch=self.settings.max_batch, poll_interval_ms=self.settings.poll_interval_ms
+        )
+        return create_app(self.registry, self.engine, config, lifespan=self._lifespan)
+
+    @asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        self.engine.start()
+        self.sweeper.start()
+        threading.Thread(target=self._load_model, name="model-loader", daemon=True).start()
+        try:
+            yield
+        finally:
+            self.sweeper.stop()
+            await asyncio.to_thread(self.engine.shutdown)
+
+    def _load_model(self) -> None:
+        try:
+            self.engine.load_model()
+        except BaseException as exc:
+            self.load_failure = str(exc) or type(exc).__name__
+            log.error(
+                "cannot serve: %s", self.load_failure, exc_info=not isinstance(exc, ModelLoadError)
+            )
+            if self._uvicorn is not None:
+                self._uvicorn.should_exit = True
+            return
+        print("diffusiond: ready", flush=True)
+
+    def run(self) -> int:
+        """Serve until stopped; 0 on a clean stop, 1 when the model failed to load."""
+        config = uvicorn.Config(
+            self.app(),
+            host=self.settings.host,
+            port=self.settings.port,
+            log_level=self.settings.log_level,
+            access_log=self.settings.log_level == "debug",
+            lifespan="on",
+        )
+        self._uvicorn = uvicorn.Server(config)
+        sock = config.bind_socket()
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"diffusiond: listening on http://{shown}:{port}", flush=True)
+        asyncio.run(self._uvicorn.serve(sockets=[sock]))
+        if self.load_failure is not None:
+            print(f"diffusiond: cannot start: {self.load_failure}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+
+
+def serve(settings: Settings) -> int:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return Service(settings, make_backend(settings)).run()

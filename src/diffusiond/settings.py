@@ -1,0 +1,206 @@
+"""Configuration: read once from the environment and command-line flags, validated, frozen.
+
+Flags win over environment variables. A malformed value stops the server at start with a
+message naming the variable (or flag): never a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from platformdirs import user_cache_path
+
+from diffusiond.errors import SettingsError
+
+
+def default_home() -> Path:
+    return user_cache_path("diffusiond", appauthor=False)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server is told, checked once and passed down."""
+
+    host: str = "127.0.0.1"
+    port: int = 8081
+    model: Path | None = None
+    device: str = "auto"
+    backend: str = "diffusers"
+    home: Path = field(default_factory=default_home)
+    result_ttl_ms: int = 300_000
+    cleanup_interval_ms: int = 60_000
+    max_concurrent: int = 1
+    max_batch: int = 5
+    poll_interval_ms: int = 500
+    torch_threads: int = field(default_factory=default_threads)
+    log_level: str = "info"
+
+
+Parser = Callable[[str], object]
+
+
+def _integer(low: int, high: int | None = None) -> Parser:
+    def parse(raw: str) -> int:
+        text = raw.strip()
+        if not text.lstrip("-").isdigit():
+            raise ValueError(f"must be a whole number, got {raw!r}")
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str, prefix_ok: str | None = None) -> Parser:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value in choices or (
+            prefix_ok and value.startswith(prefix_ok) and value[len(prefix_ok) :].isdigit()
+        ):
+            return value
+        extra = f" or {prefix_ok}N" if prefix_ok else ""
+        raise ValueError(f"must be one of {', '.join(choices)}{extra}, got {raw!r}")
+
+    return parse
+
+
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw.strip()
+
+
+def _path(raw: str) -> Path:
+    return Path(_text(raw)).expanduser()
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its field, its environment variable (if any), its flag, and its rule."""
+
+    field: str
+    flag: str
+    env: str | None
+    parse: Parser
+    help: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", "--host", None, _text, "address to listen on (loopback by default)"),
+    Option("port", "--port", None, _integer(0, 65535), "port to listen on (0 picks a free one)"),
+    Option(
+        "model",
+        "--model",
+        "DIFFUSIOND_MODEL",
+        _path,
+        "a diffusers-format Stable Diffusion folder (default: the built-in model)",
+    ),
+    Option(
+        "device",
+        "--device",
+        "DIFFUSIOND_DEVICE",
+        _choice("auto", "cpu", "cuda", prefix_ok="cuda:"),
+        "auto, cpu, cuda or cuda:N (auto: cuda when available)",
+    ),
+    Option(
+        "backend",
+        "--backend",
+        "DIFFUSIOND_BACKEND",
+        _text,
+        "'diffusers', or module:factory of a plugin backend",
+    ),
+    Option(
+        "home",
+        "--home",
+        "DIFFUSIOND_HOME",
+        _path,
+        "cache folder for the built-in model (default: the user's cache dir)",
+    ),
+    Option(
+        "result_ttl_ms",
+        "--result-ttl-ms",
+        "IMAGE_RESULT_TTL_MS",
+        _integer(0),
+        "how long terminal jobs are kept, in ms (default 300000; 0: until the next sweep)",
+    ),
+    Option(
+        "cleanup_interval_ms",
+        "--cleanup-interval-ms",
+        "IMAGE_CLEANUP_INTERVAL_MS",
+        _integer(1),
+        "how often the TTL sweep runs, in ms (default 60000)",
+    ),
+    Option(
+        "max_concurrent",
+        "--max-concurrent",
+        "IMAGE_MAX_CONCURRENT",
+        _integer(1, 64),
+        "generations that run at once (default 1)",
+    ),
+    Option(
+        "max_batch",
+        "--max-batch",
+        "IMAGE_MAX_BATCH",
+        _integer(1, 100),
+        "the largest count a request may ask for (default 5)",
+    ),
+    Option(
+        "poll_interval_ms",
+        "--poll-interval-ms",
+        "IMAGE_POLL_INTERVAL_MS",
+        _integer(1),
+        "the poll interval the server advises clients, in ms (default 500)",
+    ),
+    Option(
+        "torch_threads",
+        "--torch-threads",
+        "DIFFUSIOND_TORCH_THREADS",
+        _integer(1, 1024),
+        "CPU threads PyTorch may use (default: the cores this process may run on)",
+    ),
+    Option(
+        "log_level",
+        "--log-level",
+        "DIFFUSIOND_LOG_LEVEL",
+        _choice("debug", "info", "warning", "error"),
+        "debug, info, warning or error",
+    ),
+)
+
+
+def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Settings:
+    """Settings from environment variables, overridden by flags (keyed by field name).
+
+    Raises `SettingsError` naming the variable or flag and its rule for a malformed value.
+    """
+    values: dict[str, object] = {}
+    for option in OPTIONS:
+        source, raw = _raw_value(option, env, flags)
+        if raw is None:
+            continue
+        try:
+            values[option.field] = option.parse(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{source} {exc} ({option.help})") from None
+    return dataclasses.replace(Settings(), **values)  # type: ignore[arg-type]
+
+
+def _raw_value(
+    option: Option, env: Mapping[str, str], flags: Mapping[str, str | None]
+) -> tuple[str, str | None]:
+    flag_value = flags.get(option.field)
+    if flag_value is not None:
+        return option.flag, flag_value
+    if option.env is not None and option.env in env:
+        return option.env, env[option.env]
+    return "", None
