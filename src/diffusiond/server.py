@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import signal
 import sys
 import threading
 from collections.abc import AsyncIterator
@@ -105,6 +106,10 @@ class Service:
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"diffusiond: listening on http://{shown}:{port}", flush=True)
+        # uvicorn re-raises SIGTERM/SIGINT to the handlers it found once it has shut down
+        # gracefully; with these no-op handlers a graceful stop ends in a clean exit 0.
+        for stop_signal in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop_signal, lambda *_: None)
         asyncio.run(self._uvicorn.serve(sockets=[sock]))
         if self.load_failure is not None:
             print(f"diffusiond: cannot start: {self.load_failure}", file=sys.stderr, flush=True)
