@@ -1,0 +1,57 @@
+"""Fakes one layer below the unit under test: a backend that draws tiny flat images."""
+
+from __future__ import annotations
+
+import threading
+
+from PIL import Image as PILImage
+from PIL.Image import Image
+
+from diffusiond.backends.base import (
+    BackendInfo,
+    CancelCheck,
+    GenerationCancelled,
+    ImageSpec,
+    StageCallback,
+)
+from diffusiond.jobs.models import Stage
+
+
+class FakeBackend:
+    """Reports every stage like the real backend; can fail on a seed or hold at a step."""
+
+    def __init__(self, *, fail_on_seed: int | None = None, error: Exception | None = None) -> None:
+        self.fail_on_seed = fail_on_seed
+        self.error = error or RuntimeError("the fake backend broke")
+        self.drawn: list[ImageSpec] = []
+        self.hold = threading.Event()  # while clear, generate() waits at step 1 (if holding)
+        self.holding = False
+        self.at_step_one = threading.Event()
+        self.stopped_at: int | None = None
+
+    def load(self) -> None:
+        pass
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(name="fake", model="fake", device="cpu", dtype="float32")
+
+    def generate(
+        self, spec: ImageSpec, on_stage: StageCallback, should_cancel: CancelCheck
+    ) -> Image:
+        on_stage(Stage.LOADING, 0, 1)
+        on_stage(Stage.LOADING, 1, 1)
+        on_stage(Stage.DIFFUSION, 0, spec.steps)
+        for step in range(1, spec.steps + 1):
+            if spec.seed == self.fail_on_seed:
+                raise self.error
+            on_stage(Stage.DIFFUSION, step, spec.steps)
+            if step == 1 and self.holding:
+                self.at_step_one.set()
+                self.hold.wait(timeout=30)
+            if should_cancel():
+                self.stopped_at = step
+                raise GenerationCancelled
+        on_stage(Stage.DECODING, 0, 1)
+        on_stage(Stage.DECODING, 1, 1)
+        self.drawn.append(spec)
+        return PILImage.new("RGB", (spec.width, spec.height), (spec.seed % 256, 0, 0))

@@ -1,0 +1,207 @@
+"""The engine's threads, admission and cancel, one layer above a fake backend."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from diffusiond.engine.engine import Engine
+from diffusiond.errors import AlreadyTerminal, ServerBusy, ServerNotReady
+from diffusiond.jobs.models import ErrorCode, GenerationRequest, Job, JobStatus
+from diffusiond.jobs.registry import GenerationRegistry
+from tests.support.fakes import FakeBackend
+
+REQUEST = GenerationRequest(prompt="x", width=64, height=64, steps=3, seed=1)
+
+
+class Watcher:
+    """Lets a test wait for a job's final state without sleeping on a timer."""
+
+    def __init__(self, registry: GenerationRegistry) -> None:
+        self.registry = registry
+        self.changed = threading.Condition()
+        original = registry._apply
+
+        def apply(*args: object, **kwargs: object) -> Job:
+            job = original(*args, **kwargs)  # type: ignore[arg-type]
+            with self.changed:
+                self.changed.notify_all()
+            return job
+
+        registry._apply = apply  # type: ignore[method-assign]
+
+    def wait_terminal(self, job_id: str, timeout_s: float = 10) -> Job:
+        def ended() -> bool:
+            return self.registry.get(job_id).status.is_terminal()
+
+        with self.changed:
+            ok = self.changed.wait_for(ended, timeout_s)
+        assert ok, self.registry.get(job_id)
+        return self.registry.get(job_id)
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def registry() -> GenerationRegistry:
+    return GenerationRegistry(ttl_ms=60_000)
+
+
+@pytest.fixture
+def engine(registry: GenerationRegistry, backend: FakeBackend) -> Iterator[Engine]:
+    engine = Engine(registry, backend, max_concurrent=1, encode=lambda image: b"png")
+    engine.start()
+    engine.load_model()
+    yield engine
+    backend.hold.set()
+    engine.shutdown()
+
+
+def test_a_job_runs_to_complete(engine: Engine, registry: GenerationRegistry) -> None:
+    watcher = Watcher(registry)
+    job = engine.submit(REQUEST)
+    final = watcher.wait_terminal(job.id)
+    assert final.status is JobStatus.COMPLETE
+    assert final.result is not None
+    assert [image.seed for image in final.result.images] == [1]
+    assert engine.stats().admitted == 0
+
+
+def test_not_ready_until_loaded(registry: GenerationRegistry, backend: FakeBackend) -> None:
+    engine = Engine(registry, backend, max_concurrent=1)
+    with pytest.raises(ServerNotReady):
+        engine.submit(REQUEST)
+    assert registry.list() == []
+
+
+def test_busy_when_every_worker_is_taken(
+    engine: Engine, backend: FakeBackend, registry: GenerationRegistry
+) -> None:
+    backend.holding = True
+    first = engine.submit(REQUEST)
+    assert backend.at_step_one.wait(10)
+    with pytest.raises(ServerBusy) as caught:
+        engine.submit(REQUEST)
+    assert 1 <= caught.value.retry_after_s <= 60
+    assert [job.id for job in registry.list()] == [first.id]  # the refused job left no trace
+    backend.hold.set()
+
+
+def test_cancel_running_stops_at_next_step_and_frees_the_slot(
+    engine: Engine, backend: FakeBackend, registry: GenerationRegistry
+) -> None:
+    watcher = Watcher(registry)
+    backend.holding = True
+    running = engine.submit(REQUEST)
+    assert backend.at_step_one.wait(10)
+    assert engine.cancel(running.id).status is JobStatus.CANCELLED
+    assert engine.stats().admitted == 0
+    backend.holding = False
+    queued = engine.submit(REQUEST)  # admitted while the cancelled job ends its step
+    backend.hold.set()
+    assert watcher.wait_terminal(queued.id).status is JobStatus.COMPLETE
+    assert backend.stopped_at == 1
+    assert registry.get(running.id).status is JobStatus.CANCELLED
+    assert registry.get(running.id).progress is None
+
+
+def test_cancel_pending_never_runs(
+    engine: Engine, backend: FakeBackend, registry: GenerationRegistry
+) -> None:
+    watcher = Watcher(registry)
+    backend.holding = True
+    running = engine.submit(REQUEST)
+    assert backend.at_step_one.wait(10)
+    engine.cancel(running.id)
+    pending = engine.submit(GenerationRequest(prompt="never", seed=99))
+    assert registry.get(pending.id).status is JobStatus.PENDING
+    engine.cancel(pending.id)
+    backend.holding = False
+    backend.hold.set()
+    probe = engine.submit(REQUEST)
+    watcher.wait_terminal(probe.id)
+    assert 99 not in [spec.seed for spec in backend.drawn]
+    assert registry.get(pending.id).status is JobStatus.CANCELLED
+
+
+def test_cancel_of_a_finished_job_is_refused(engine: Engine, registry: GenerationRegistry) -> None:
+    watcher = Watcher(registry)
+    job = engine.submit(REQUEST)
+    watcher.wait_terminal(job.id)
+    with pytest.raises(AlreadyTerminal):
+        engine.cancel(job.id)
+
+
+def test_a_backend_failure_ends_the_job_and_the_worker_goes_on(
+    registry: GenerationRegistry,
+) -> None:
+    backend = FakeBackend(fail_on_seed=11)
+    engine = Engine(registry, backend, max_concurrent=1, encode=lambda image: b"png")
+    engine.start()
+    engine.load_model()
+    watcher = Watcher(registry)
+    try:
+        failed = engine.submit(GenerationRequest(prompt="x", seed=10, count=3, steps=2))
+        final = watcher.wait_terminal(failed.id)
+        assert final.status is JobStatus.ERROR
+        assert final.error is not None
+        assert final.error.code is ErrorCode.BACKEND_ERROR
+        assert final.error.message.startswith("Generation failed on image 2 of 3")
+        assert final.result is None
+        after = engine.submit(REQUEST)
+        assert watcher.wait_terminal(after.id).status is JobStatus.COMPLETE
+    finally:
+        engine.shutdown()
+
+
+def test_an_unexpected_worker_failure_still_ends_the_job(registry: GenerationRegistry) -> None:
+    def broken_encoder(_image: object) -> bytes:
+        raise SystemExit("not an Exception: escapes the batch loop")
+
+    engine = Engine(registry, FakeBackend(), max_concurrent=1, encode=broken_encoder)
+    engine.start()
+    engine.load_model()
+    watcher = Watcher(registry)
+    try:
+        job = engine.submit(REQUEST)
+        final = watcher.wait_terminal(job.id)
+        assert final.status is JobStatus.ERROR
+        assert final.error is not None
+        assert final.error.code is ErrorCode.UNKNOWN_ERROR
+        assert engine.stats().admitted == 0
+    finally:
+        engine.shutdown()
+
+
+def test_a_failed_load_is_remembered(registry: GenerationRegistry) -> None:
+    class BrokenLoad(FakeBackend):
+        def load(self) -> None:
+            raise RuntimeError("weights are corrupt")
+
+    engine = Engine(registry, BrokenLoad(), max_concurrent=1)
+    with pytest.raises(RuntimeError):
+        engine.load_model()
+    assert engine.ready is False
+    assert engine.load_error == "weights are corrupt"
+    with pytest.raises(ServerNotReady, match="weights are corrupt"):
+        engine.submit(REQUEST)
+
+
+def test_shutdown_cancels_what_runs(registry: GenerationRegistry, backend: FakeBackend) -> None:
+    engine = Engine(registry, backend, max_concurrent=1, encode=lambda image: b"png")
+    engine.start()
+    engine.load_model()
+    backend.holding = True
+    job = engine.submit(REQUEST)
+    assert backend.at_step_one.wait(10)
+    started = time.monotonic()
+    backend.hold.set()
+    engine.shutdown()
+    assert time.monotonic() - started < 10
+    assert registry.get(job.id).status is JobStatus.CANCELLED

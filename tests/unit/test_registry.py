@@ -1,0 +1,291 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from diffusiond.errors import AlreadyTerminal, NotFound
+from diffusiond.jobs.models import (
+    ErrorCode,
+    GeneratedImage,
+    GenerationRequest,
+    Job,
+    JobError,
+    JobStatus,
+    Progress,
+    Result,
+    Stage,
+)
+from diffusiond.jobs.registry import GenerationRegistry
+
+REQUEST = GenerationRequest(prompt="a cat")
+RESULT = Result(images=(GeneratedImage(png=b"png", seed=1, width=64, height=64),), time_taken_ms=5)
+ERROR = JobError("Generation failed: boom", ErrorCode.BACKEND_ERROR)
+
+
+class FakeClock:
+    def __init__(self, now: int = 1_000) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def progress(percentage: float, step: int = 1) -> Progress:
+    return Progress(Stage.DIFFUSION, step, 20, percentage, 1, 1)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def registry(clock: FakeClock) -> GenerationRegistry:
+    return GenerationRegistry(ttl_ms=300_000, clock=clock)
+
+
+def test_create_then_get(registry: GenerationRegistry, clock: FakeClock) -> None:
+    job = registry.create(REQUEST)
+    assert job.status is JobStatus.PENDING
+    assert job.created_at == job.updated_at == clock.now
+    assert registry.get(job.id) == job
+
+
+def test_get_unknown_raises_not_found(registry: GenerationRegistry) -> None:
+    with pytest.raises(NotFound):
+        registry.get("gen_0_nothing")
+
+
+def test_each_change_moves_updated_at(registry: GenerationRegistry, clock: FakeClock) -> None:
+    job = registry.create(REQUEST)
+    clock.now += 5
+    started = registry.start(job.id)
+    assert started.status is JobStatus.IN_PROGRESS
+    assert started.updated_at == clock.now
+    clock.now += 5
+    assert registry.report_progress(job.id, progress(10)).updated_at == clock.now
+    clock.now += 5
+    done = registry.complete(job.id, RESULT)
+    assert done.status is JobStatus.COMPLETE
+    assert done.result == RESULT
+    assert done.progress is None
+    assert done.updated_at == clock.now
+    assert done.created_at == job.created_at
+
+
+def test_updated_at_never_goes_back_with_the_clock(
+    registry: GenerationRegistry, clock: FakeClock
+) -> None:
+    job = registry.create(REQUEST)
+    clock.now -= 500
+    assert registry.start(job.id).updated_at == job.updated_at
+
+
+def test_percentage_never_decreases(registry: GenerationRegistry) -> None:
+    job = registry.create(REQUEST)
+    registry.start(job.id)
+    registry.report_progress(job.id, progress(40, step=8))
+    lower = registry.report_progress(job.id, progress(30, step=9))
+    assert lower.progress is not None
+    assert lower.progress.percentage == 40
+    assert lower.progress.current_step == 9
+
+
+@pytest.mark.parametrize("end", ["complete", "fail", "cancel"])
+def test_a_terminal_job_never_changes_again(registry: GenerationRegistry, end: str) -> None:
+    job = registry.create(REQUEST)
+    registry.start(job.id)
+    {
+        "complete": lambda: registry.complete(job.id, RESULT),
+        "fail": lambda: registry.fail(job.id, ERROR),
+        "cancel": lambda: registry.cancel(job.id),
+    }[end]()
+    final = registry.get(job.id)
+    late_writes: list[Callable[[], Job]] = [
+        lambda: registry.report_progress(job.id, progress(99)),
+        lambda: registry.start(job.id),
+        lambda: registry.complete(job.id, RESULT),
+        lambda: registry.fail(job.id, ERROR),
+    ]
+    for late_write in late_writes:
+        with pytest.raises(AlreadyTerminal):
+            late_write()
+    assert registry.get(job.id) == final
+
+
+def test_cancel_is_idempotent_but_refuses_finished_jobs(registry: GenerationRegistry) -> None:
+    job = registry.create(REQUEST)
+    first = registry.cancel(job.id)
+    assert first.status is JobStatus.CANCELLED
+    assert registry.cancel(job.id) == first
+    done = registry.create(REQUEST)
+    registry.start(done.id)
+    registry.complete(done.id, RESULT)
+    with pytest.raises(AlreadyTerminal):
+        registry.cancel(done.id)
+
+
+def test_list_is_newest_first(registry: GenerationRegistry, clock: FakeClock) -> None:
+    ids = []
+    for _ in range(3):
+        ids.append(registry.create(REQUEST).id)
+        clock.now += 1
+    assert [job.id for job in registry.list()] == ids[::-1]
+
+
+def test_delete(registry: GenerationRegistry) -> None:
+    job = registry.create(REQUEST)
+    assert registry.delete(job.id) is True
+    assert registry.delete(job.id) is False
+    with pytest.raises(NotFound):
+        registry.get(job.id)
+
+
+def test_cleanup_sweeps_only_terminal_jobs_past_their_ttl(clock: FakeClock) -> None:
+    registry = GenerationRegistry(ttl_ms=1_000, clock=clock)
+    pending = registry.create(REQUEST)
+    running = registry.create(REQUEST)
+    registry.start(running.id)
+    finished = {}
+    for end in ("complete", "error", "cancelled"):
+        job = registry.create(REQUEST)
+        registry.start(job.id)
+        if end == "complete":
+            registry.complete(job.id, RESULT)
+        elif end == "error":
+            registry.fail(job.id, ERROR)
+        else:
+            registry.cancel(job.id)
+        finished[end] = job.id
+
+    clock.now += 999
+    assert registry.cleanup() == 0
+    clock.now += 1
+    assert registry.cleanup() == 3
+    remaining = {job.id for job in registry.list()}
+    assert remaining == {pending.id, running.id}
+    clock.now += 10**9
+    assert registry.cleanup() == 0
+    assert {job.id for job in registry.list()} == remaining
+
+
+def test_ttl_counts_from_the_last_change(clock: FakeClock) -> None:
+    registry = GenerationRegistry(ttl_ms=1_000, clock=clock)
+    job = registry.create(REQUEST)
+    registry.start(job.id)
+    clock.now += 5_000  # a long generation: the TTL starts when it ends, not when created
+    registry.complete(job.id, RESULT)
+    clock.now += 999
+    assert registry.cleanup() == 0
+    clock.now += 1
+    assert registry.cleanup() == 1
+
+
+def test_zero_ttl_removes_terminal_jobs_at_the_next_sweep(clock: FakeClock) -> None:
+    registry = GenerationRegistry(ttl_ms=0, clock=clock)
+    job = registry.create(REQUEST)
+    registry.cancel(job.id)
+    assert registry.get(job.id).status is JobStatus.CANCELLED
+    assert registry.cleanup() == 1
+
+
+def test_concurrent_writers_leave_a_consistent_registry() -> None:
+    registry = GenerationRegistry(ttl_ms=0)
+    jobs = [registry.create(REQUEST) for _ in range(50)]
+    for job in jobs:
+        registry.start(job.id)
+    errors: list[BaseException] = []
+
+    def hammer(job_id: str) -> None:
+        try:
+            for step in range(200):
+                try:
+                    registry.report_progress(job_id, progress(step / 2, step))
+                except AlreadyTerminal:
+                    return
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def cancel_all() -> None:
+        for job in jobs:
+            registry.cancel(job.id)
+
+    threads = [threading.Thread(target=hammer, args=(job.id,)) for job in jobs]
+    threads.append(threading.Thread(target=cancel_all))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert all(job.status is JobStatus.CANCELLED for job in registry.list())
+    assert all(job.progress is None for job in registry.list())
+
+
+class RegistryLifecycle(RuleBasedStateMachine):
+    """Random sequences of every registry call never break the lifecycle rules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock()
+        self.registry = GenerationRegistry(ttl_ms=50, clock=self.clock)
+        self.ids: list[str] = []
+        self.final: dict[str, tuple[JobStatus, int]] = {}
+        self.highest: dict[str, float] = {}
+
+    @rule()
+    def create(self) -> None:
+        self.ids.append(self.registry.create(REQUEST).id)
+
+    @precondition(lambda self: self.ids)
+    @rule(
+        data=st.data(), action=st.sampled_from(["start", "progress", "complete", "fail", "cancel"])
+    )
+    def act(self, data: st.DataObject, action: str) -> None:
+        job_id = data.draw(st.sampled_from(self.ids))
+        percentage = data.draw(st.floats(0, 99.9))
+        calls = {
+            "start": lambda: self.registry.start(job_id),
+            "progress": lambda: self.registry.report_progress(job_id, progress(percentage)),
+            "complete": lambda: self.registry.complete(job_id, RESULT),
+            "fail": lambda: self.registry.fail(job_id, ERROR),
+            "cancel": lambda: self.registry.cancel(job_id),
+        }
+        try:
+            job = calls[action]()
+        except (AlreadyTerminal, NotFound):
+            return
+        if job.progress is not None:
+            assert job.progress.percentage >= self.highest.get(job_id, 0.0)
+            self.highest[job_id] = job.progress.percentage
+
+    @rule(ms=st.integers(0, 100))
+    def tick_and_sweep(self, ms: int) -> None:
+        self.clock.now += ms
+        self.registry.cleanup()
+
+    @invariant()
+    def terminal_jobs_stay_as_they_ended_until_swept(self) -> None:
+        present = {job.id: job for job in self.registry.list()}
+        for job_id, (status, updated_at) in self.final.items():
+            if job_id in present:
+                assert present[job_id].status is status
+                assert present[job_id].updated_at == updated_at
+        for job_id in self.ids:
+            if job_id not in present:
+                assert job_id in self.final, "a job that was not terminal disappeared"
+        for job in present.values():
+            if job.status.is_terminal():
+                self.final.setdefault(job.id, (job.status, job.updated_at))
+            assert (job.result is not None) == (job.status is JobStatus.COMPLETE)
+            assert (job.error is not None) == (job.status is JobStatus.ERROR)
+
+
+RegistryLifecycle.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None
+)
+test_registry_lifecycle = RegistryLifecycle.TestCase

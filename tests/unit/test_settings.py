@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffusiond.errors import SettingsError
+from diffusiond.settings import OPTIONS, Settings, load_settings
+
+
+def test_defaults_match_the_contract() -> None:
+    settings = load_settings({}, {})
+    assert settings.result_ttl_ms == 300_000
+    assert settings.cleanup_interval_ms == 60_000
+    assert settings.max_concurrent == 1
+    assert settings.max_batch == 5
+    assert settings.poll_interval_ms == 500
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8081
+    assert settings.model is None
+    assert settings.device == "auto"
+    assert settings.torch_threads >= 1
+
+
+def test_environment_is_read() -> None:
+    settings = load_settings(
+        {
+            "IMAGE_RESULT_TTL_MS": "0",
+            "IMAGE_CLEANUP_INTERVAL_MS": "10",
+            "IMAGE_MAX_CONCURRENT": "2",
+            "IMAGE_MAX_BATCH": "8",
+            "IMAGE_POLL_INTERVAL_MS": "250",
+            "DIFFUSIOND_HOME": "/tmp/x",
+            "DIFFUSIOND_TORCH_THREADS": "1",
+        },
+        {},
+    )
+    assert (
+        settings.result_ttl_ms,
+        settings.cleanup_interval_ms,
+        settings.max_concurrent,
+        settings.max_batch,
+        settings.poll_interval_ms,
+        settings.torch_threads,
+    ) == (0, 10, 2, 8, 250, 1)
+    assert settings.home == Path("/tmp/x")
+
+
+def test_flags_win_over_environment() -> None:
+    settings = load_settings({"IMAGE_MAX_CONCURRENT": "2"}, {"max_concurrent": "3", "model": "~/m"})
+    assert settings.max_concurrent == 3
+    assert settings.model == Path("~/m").expanduser()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("IMAGE_RESULT_TTL_MS", "abc"),
+        ("IMAGE_RESULT_TTL_MS", "-1"),
+        ("IMAGE_RESULT_TTL_MS", "1.5"),
+        ("IMAGE_CLEANUP_INTERVAL_MS", "0"),
+        ("IMAGE_MAX_CONCURRENT", "0"),
+        ("IMAGE_MAX_CONCURRENT", ""),
+        ("IMAGE_MAX_BATCH", "0"),
+        ("IMAGE_POLL_INTERVAL_MS", "0"),
+        ("IMAGE_POLL_INTERVAL_MS", "fast"),
+        ("DIFFUSIOND_DEVICE", "tpu"),
+        ("DIFFUSIOND_TORCH_THREADS", "0"),
+    ],
+)
+def test_malformed_values_name_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        load_settings({variable: value}, {})
+
+
+def test_malformed_flags_name_the_flag() -> None:
+    with pytest.raises(SettingsError, match="--port"):
+        load_settings({}, {"port": "70000"})
+
+
+def test_device_forms() -> None:
+    assert load_settings({}, {"device": "cuda:1"}).device == "cuda:1"
+    assert load_settings({}, {"device": "CPU"}).device == "cpu"
+
+
+def test_every_option_is_a_settings_field() -> None:
+    fields = set(Settings.__dataclass_fields__)
+    assert {option.field for option in OPTIONS} <= fields
+    assert len({option.flag for option in OPTIONS}) == len(OPTIONS)
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings({}, {})
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]
