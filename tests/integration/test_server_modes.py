@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -221,3 +222,14 @@ def test_help_documents_every_flag_and_variable() -> None:
 def test_http_client_sees_busy_false_after_a_fault(faulty_server: ServerProcess) -> None:
     with httpx.Client(base_url=faulty_server.url) as client:
         assert client.get("/health").json()["busy"] is False
+
+
+def test_a_taken_port_stops_the_server_with_a_clear_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        finished = run_serve("--port", str(port))
+    assert finished.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in finished.stderr
+    assert "Traceback" not in finished.stderr
