@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from diffusiond import __version__
+from diffusiond.commands import add_client_commands, run_client_command
 from diffusiond.errors import ModelLoadError, SettingsError
 from diffusiond.settings import OPTIONS, load_settings
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(
             option.flag, dest=option.field, metavar="VALUE", help=f"{option.help}{env}"
         )
+    add_client_commands(commands)
     return parser
 
 
@@ -56,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (SettingsError, ModelLoadError) as exc:
             print(f"diffusiond: cannot start: {exc.message}", file=sys.stderr)
             return 2
-    return 2  # pragma: no cover - argparse rejects unknown commands first
+    return run_client_command(args)
 
 
 if __name__ == "__main__":

@@ -34,3 +34,11 @@ def client(server: ServerProcess) -> Iterator[httpx.Client]:
         wait_idle(http)
         yield http
         wait_idle(http)
+
+
+@pytest.fixture(scope="session")
+def faulty_server(model_home: Path) -> Iterator[ServerProcess]:
+    """A server whose backend fails on request (see tests/support/faulty_backend.py)."""
+    process = start_server(model_home, "--backend", "tests.support.faulty_backend:create")
+    yield process
+    assert process.stop() == 0, process.text()

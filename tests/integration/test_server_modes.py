@@ -39,13 +39,6 @@ def short_ttl_server(model_home: Path) -> Iterator[ServerProcess]:
     assert process.stop() == 0, process.text()
 
 
-@pytest.fixture(scope="module")
-def faulty_server(model_home: Path) -> Iterator[ServerProcess]:
-    process = start_server(model_home, "--backend", "tests.support.faulty_backend:create")
-    yield process
-    assert process.stop() == 0
-
-
 def test_terminal_jobs_expire_after_ttl_but_running_ones_never(
     short_ttl_server: ServerProcess,
 ) -> None:

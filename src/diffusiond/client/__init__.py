@@ -1,0 +1,40 @@
+"""The Python client of a diffusiond server, built only on its public HTTP API."""
+
+from diffusiond.client._protocol import DEFAULT_URL
+from diffusiond.client.aio import AsyncClient
+from diffusiond.client.errors import (
+    AlreadyTerminalError,
+    ConnectionError,
+    DiffusiondClientError,
+    GenerationCancelledError,
+    GenerationFailedError,
+    GenerationTimeoutError,
+    InvalidRequestError,
+    NotFoundError,
+    ServerBusyError,
+    ServerError,
+    ServerNotReadyError,
+)
+from diffusiond.client.models import GeneratedImage, Generation, Health, Progress
+from diffusiond.client.sync import Client
+
+__all__ = [
+    "DEFAULT_URL",
+    "AlreadyTerminalError",
+    "AsyncClient",
+    "Client",
+    "ConnectionError",
+    "DiffusiondClientError",
+    "GeneratedImage",
+    "Generation",
+    "GenerationCancelledError",
+    "GenerationFailedError",
+    "GenerationTimeoutError",
+    "Health",
+    "InvalidRequestError",
+    "NotFoundError",
+    "Progress",
+    "ServerBusyError",
+    "ServerError",
+    "ServerNotReadyError",
+]

@@ -1,0 +1,129 @@
+"""What the client hands back: typed, immutable views of the server's JSON."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+TERMINAL_STATUSES = frozenset({"complete", "error", "cancelled"})
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A running generation's progress, as the server reports it."""
+
+    stage: str
+    current_step: int
+    total_steps: int
+    percentage: float
+    current_image: int
+    total_images: int
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Progress:
+        return cls(
+            stage=body["stage"],
+            current_step=body["currentStep"],
+            total_steps=body["totalSteps"],
+            percentage=body["percentage"],
+            current_image=body["currentImage"],
+            total_images=body["totalImages"],
+        )
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One finished PNG and the seed that reproduces it."""
+
+    png: bytes
+    seed: int
+    width: int
+    height: int
+
+    def save(self, path: str | Path) -> Path:
+        """Write the PNG to `path` and return the path."""
+        target = Path(path)
+        target.write_bytes(self.png)
+        return target
+
+    def to_pil(self) -> Image:
+        """The image as a Pillow image (decoded from the PNG bytes)."""
+        from PIL import Image as PILImage
+
+        picture = PILImage.open(io.BytesIO(self.png))
+        picture.load()
+        return picture
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> GeneratedImage:
+        return cls(
+            png=base64.b64decode(body["image"]),
+            seed=body["seed"],
+            width=body["width"],
+            height=body["height"],
+        )
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A snapshot of one generation job on the server."""
+
+    id: str
+    status: str
+    created_at: int
+    updated_at: int | None = None
+    progress: Progress | None = None
+    images: tuple[GeneratedImage, ...] = ()
+    time_taken_ms: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Generation:
+        result = body.get("result") or {}
+        error = body.get("error") or {}
+        progress = body.get("progress")
+        return cls(
+            id=body["id"],
+            status=body["status"],
+            created_at=body["createdAt"],
+            updated_at=body.get("updatedAt"),
+            progress=Progress.from_wire(progress) if progress else None,
+            images=tuple(GeneratedImage.from_wire(entry) for entry in result.get("images", ())),
+            time_taken_ms=result.get("timeTaken"),
+            error_code=error.get("code"),
+            error_message=error.get("message"),
+        )
+
+
+@dataclass(frozen=True)
+class Health:
+    """The server's /health answer."""
+
+    status: str
+    busy: bool
+    poll_interval_ms: int
+    model: str | None
+    version: str | None
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Health:
+        return cls(
+            status=body["status"],
+            busy=body["busy"],
+            poll_interval_ms=body.get("pollIntervalMs", 500),
+            model=body.get("model"),
+            version=body.get("version"),
+            raw=body,
+        )

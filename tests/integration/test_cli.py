@@ -1,0 +1,213 @@
+"""`diffusiond generate/status/cancel/list` run as subprocesses against the real server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from tests.support.server import REPO_ROOT, ServerProcess, poll_until, server_env, wait_idle
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "diffusiond", *args],
+        capture_output=True,
+        text=True,
+        env=server_env(),
+        cwd=REPO_ROOT,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_generate_writes_named_pngs_and_prints_their_paths(
+    server: ServerProcess, client: httpx.Client, tmp_path: Path
+) -> None:
+    finished = cli(
+        "generate",
+        "a red door",
+        "-n",
+        "2",
+        "--seed",
+        "42",
+        "--steps",
+        "4",
+        "--size",
+        "128x64",
+        "--sampler",
+        "dpm++2m",
+        "--cfg",
+        "5",
+        "--negative",
+        "fog",
+        "-o",
+        str(tmp_path),
+        "--server",
+        server.url,
+    )
+    assert finished.returncode == 0, finished.stderr
+    paths = [Path(line) for line in finished.stdout.split()]
+    assert len(paths) == 2
+    job_id = paths[0].name.split("-")[0]
+    assert job_id.startswith("gen_")
+    assert [p.name for p in paths] == [f"{job_id}-1-seed42.png", f"{job_id}-2-seed43.png"]
+    for path in paths:
+        assert path.parent == tmp_path
+        with Image.open(path) as picture:
+            assert picture.format == "PNG"
+            assert picture.size == (128, 64)
+    state = client.get(f"/v1/images/generations/{job_id}").json()
+    assert [image["seed"] for image in state["result"]["images"]] == [42, 43]
+
+
+def test_status_list_and_cancel(server: ServerProcess, client: httpx.Client) -> None:
+    job_id = client.post(
+        "/v1/images/generations",
+        json={"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 3},
+    ).json()["id"]
+    poll_until(client, job_id)
+
+    status = cli("status", job_id, "--json", "--server", server.url)
+    assert status.returncode == 0, status.stderr
+    body = json.loads(status.stdout)
+    assert body["status"] == "complete"
+    assert body["images"] == [{"seed": 3, "width": 64, "height": 64}]
+
+    readable = cli("status", job_id, "--server", server.url)
+    assert f"{job_id}: complete" in readable.stdout
+
+    listed = cli("list", "--json", "--server", server.url)
+    assert job_id in [entry["id"] for entry in json.loads(listed.stdout)]
+    table = cli("list", "--server", server.url)
+    assert job_id in table.stdout
+    assert "status" in table.stdout
+
+    refused = cli("cancel", job_id, "--server", server.url)
+    assert refused.returncode == 1
+    assert "ALREADY_TERMINAL" in refused.stderr
+
+    missing = cli("status", "gen_0_missing", "--server", server.url)
+    assert missing.returncode == 1
+    assert "NOT_FOUND" in missing.stderr
+
+
+def test_cancel_command_cancels_a_running_job(server: ServerProcess, client: httpx.Client) -> None:
+    job_id = client.post(
+        "/v1/images/generations", json={"prompt": "x", "width": 2048, "height": 2048, "steps": 150}
+    ).json()["id"]
+    poll_until(client, job_id, lambda body: body["status"] == "in_progress")
+    finished = cli("cancel", job_id, "--server", server.url)
+    assert finished.returncode == 0
+    assert finished.stdout.strip() == f"{job_id}: cancelled"
+    wait_idle(client)
+
+
+def test_no_server_is_one_friendly_line_and_exit_2() -> None:
+    finished = cli("generate", "x", "--server", "http://127.0.0.1:9")
+    assert finished.returncode == 2
+    lines = finished.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "no diffusiond server answered at http://127.0.0.1:9" in lines[0]
+    assert "diffusiond serve" in lines[0]
+    assert "Traceback" not in finished.stderr
+
+
+def test_an_invalid_request_exits_2_naming_the_field(server: ServerProcess) -> None:
+    finished = cli("generate", "x", "--steps", "0", "--server", server.url)
+    assert finished.returncode == 2
+    assert "steps must be an integer from 1 to 150" in finished.stderr
+
+
+def test_sigint_cancels_the_job_on_the_server_and_exits_130(
+    server: ServerProcess, client: httpx.Client, tmp_path: Path
+) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "diffusiond",
+            "generate",
+            "a long one",
+            "--size",
+            "2048x2048",
+            "--steps",
+            "150",
+            "-o",
+            str(tmp_path),
+            "--server",
+            server.url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=server_env(),
+        cwd=REPO_ROOT,
+    )
+    try:
+        newest: dict[str, str] = {}
+
+        def running() -> bool:
+            jobs = client.get("/v1/images/generations").json()["generations"]
+            if jobs and jobs[0]["status"] == "in_progress":
+                newest.update(jobs[0])
+                return True
+            return False
+
+        deadline = time.monotonic() + 60
+        while not running():
+            assert time.monotonic() < deadline, "the CLI's job never started"
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.02)  # a poll interval; the job's start is only visible by polling
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert "cancelled" in stderr
+    assert "Traceback" not in stderr
+    state = client.get(f"/v1/images/generations/{newest['id']}").json()
+    assert state["status"] == "cancelled", server.text()[-1500:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_local_generation_needs_no_server(tmp_path: Path, model_home: Path) -> None:
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffusiond",
+            "generate",
+            "a bell",
+            "--local",
+            "-n",
+            "2",
+            "--seed",
+            "8",
+            "--steps",
+            "3",
+            "--size",
+            "64x64",
+            "-o",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=180,
+        check=False,
+        env=server_env({"DIFFUSIOND_HOME": str(model_home)}),
+    )
+    assert finished.returncode == 0, finished.stderr
+    names = sorted(Path(line).name for line in finished.stdout.split())
+    assert len(names) == 2
+    assert names[0].startswith("local_")
+    assert names[0].endswith("-1-seed8.png")
+    assert names[1].endswith("-2-seed9.png")
