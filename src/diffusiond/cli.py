@@ -39,9 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for option in OPTIONS:
         env = f" [env {option.env}]" if option.env else ""
-        serve.add_argument(
-            option.flag, dest=option.field, metavar="VALUE", help=f"{option.help}{env}"
-        )
+        if option.switch:
+            serve.add_argument(
+                option.flag,
+                dest=option.field,
+                action="store_const",
+                const="true",
+                help=f"{option.help}{env}",
+            )
+        else:
+            serve.add_argument(
+                option.flag, dest=option.field, metavar="VALUE", help=f"{option.help}{env}"
+            )
     add_client_commands(commands)
     return parser
 

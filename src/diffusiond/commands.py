@@ -85,6 +85,9 @@ def _add_server_flag(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="server URL (default: DIFFUSIOND_URL or http://127.0.0.1:8081)",
     )
+    parser.add_argument(
+        "--api-key", default=None, help="the server's API key (default: DIFFUSIOND_API_KEY)"
+    )
 
 
 def run_client_command(args: argparse.Namespace) -> int:
@@ -142,7 +145,7 @@ def progress_bar() -> Iterator[Callable[[Progress], None]]:
 
 def _generate(args: argparse.Namespace) -> int:
     width, height = args.size
-    with Client(args.server) as client:
+    with Client(args.server, api_key=args.api_key) as client:
         generation = client.start(
             args.prompt,
             negative_prompt=args.negative,
@@ -207,7 +210,7 @@ def _save_all(folder: Path, job_id: str, images: Sequence[GeneratedImage]) -> No
 
 
 def _status(args: argparse.Namespace) -> int:
-    with Client(args.server) as client:
+    with Client(args.server, api_key=args.api_key) as client:
         generation = client.get(args.id)
     if args.json:
         print(json.dumps(_summary(generation), indent=2))
@@ -229,14 +232,14 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    with Client(args.server) as client:
+    with Client(args.server, api_key=args.api_key) as client:
         generation = client.cancel(args.id)
     print(f"{generation.id}: {generation.status}")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    with Client(args.server) as client:
+    with Client(args.server, api_key=args.api_key) as client:
         generations = client.list()
     if args.json:
         print(json.dumps([_summary(g) for g in generations], indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -20,6 +21,7 @@ from diffusiond.backends.base import Backend
 from diffusiond.engine.engine import Engine
 from diffusiond.errors import ModelLoadError, SettingsError
 from diffusiond.jobs.registry import GenerationRegistry, TtlSweeper
+from diffusiond.logs import configure_logging
 from diffusiond.settings import Settings
 
 log = logging.getLogger("diffusiond")
@@ -80,14 +82,23 @@ class Service:
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
         self.registry = GenerationRegistry(ttl_ms=settings.result_ttl_ms)
-        self.engine = Engine(self.registry, backend, max_concurrent=settings.max_concurrent)
+        self.engine = Engine(
+            self.registry,
+            backend,
+            max_concurrent=settings.max_concurrent,
+            timeout_ms=settings.generation_timeout_ms,
+        )
         self.sweeper = TtlSweeper(self.registry, settings.cleanup_interval_ms)
         self.load_failure: str | None = None
         self._uvicorn: uvicorn.Server | None = None
 
     def app(self) -> Starlette:
         config = ApiConfig(
-            max_batch=self.settings.max_batch, poll_interval_ms=self.settings.poll_interval_ms
+            max_batch=self.settings.max_batch,
+            poll_interval_ms=self.settings.poll_interval_ms,
+            max_pixels=self.settings.max_pixels,
+            api_key=self.settings.api_key,
+            cors_origins=self.settings.cors_origins,
         )
         return create_app(self.registry, self.engine, config, lifespan=self._lifespan)
 
@@ -123,6 +134,7 @@ class Service:
             port=self.settings.port,
             log_level=self.settings.log_level,
             access_log=self.settings.log_level == "debug",
+            log_config=None,  # configure_logging() already routed uvicorn's loggers
             lifespan="on",
         )
         self._uvicorn = uvicorn.Server(config)
@@ -141,9 +153,32 @@ class Service:
         return 0
 
 
-def serve(settings: Settings) -> int:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+def refuse_unprotected_exposure(settings: Settings) -> None:
+    """Listening beyond loopback without an API key needs --insecure."""
+    if settings.api_key is not None or settings.insecure or is_loopback(settings.host):
+        return
+    raise SettingsError(
+        f"refusing to listen on {settings.host} without an API key: anyone who can reach "
+        "that address could run generations on this machine and read every result. Set "
+        "IMAGE_API_KEY (or --api-key), or pass --insecure if the network is trusted."
     )
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(
+        ipaddress.ip_address(str(address).split("%")[0]).is_loopback for address in addresses
+    )
+
+
+def serve(settings: Settings) -> int:
+    refuse_unprotected_exposure(settings)
+    configure_logging(settings.log_level, as_json=settings.log_json)
     return Service(settings, make_backend(settings)).run()

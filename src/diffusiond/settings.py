@@ -42,6 +42,12 @@ class Settings:
     poll_interval_ms: int = 500
     torch_threads: int = field(default_factory=default_threads)
     log_level: str = "info"
+    log_json: bool = False
+    api_key: str | None = None
+    insecure: bool = False
+    cors_origins: tuple[str, ...] = ()
+    max_pixels: int = 1024 * 1024
+    generation_timeout_ms: int = 0  # 0: no limit
 
 
 Parser = Callable[[str], object]
@@ -84,6 +90,30 @@ def _path(raw: str) -> Path:
     return Path(_text(raw)).expanduser()
 
 
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"must be true or false, got {raw!r}")
+
+
+def _api_key(raw: str) -> str:
+    key = raw.strip()
+    if len(key) < 16 or not key.isprintable() or " " in key:
+        raise ValueError("must be at least 16 visible characters with no spaces")
+    return key
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(origin.strip().rstrip("/") for origin in raw.split(",") if origin.strip())
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ValueError(f"must be a comma-separated list of http(s) origins, got {origin!r}")
+    return origins
+
+
 @dataclass(frozen=True)
 class Option:
     """One setting: its field, its environment variable (if any), its flag, and its rule."""
@@ -93,6 +123,7 @@ class Option:
     env: str | None
     parse: Parser
     help: str
+    switch: bool = False  # a flag that takes no value (--insecure), "true" when given
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -174,6 +205,50 @@ OPTIONS: tuple[Option, ...] = (
         "DIFFUSIOND_LOG_LEVEL",
         _choice("debug", "info", "warning", "error"),
         "debug, info, warning or error",
+    ),
+    Option(
+        "log_json",
+        "--log-json",
+        "DIFFUSIOND_LOG_JSON",
+        _boolean,
+        "log one JSON object per line, for machines",
+        switch=True,
+    ),
+    Option(
+        "api_key",
+        "--api-key",
+        "IMAGE_API_KEY",
+        _api_key,
+        "require 'Authorization: Bearer KEY' on every endpoint but /health",
+    ),
+    Option(
+        "insecure",
+        "--insecure",
+        None,
+        _boolean,
+        "allow listening on a non-loopback address without an API key",
+        switch=True,
+    ),
+    Option(
+        "cors_origins",
+        "--cors-origins",
+        "IMAGE_CORS_ORIGINS",
+        _origins,
+        "comma-separated browser origins allowed to call the API (default: none)",
+    ),
+    Option(
+        "max_pixels",
+        "--max-pixels",
+        "IMAGE_MAX_PIXELS",
+        _integer(4096),
+        "largest width x height a request may ask for (default 1048576)",
+    ),
+    Option(
+        "generation_timeout_ms",
+        "--generation-timeout-ms",
+        "IMAGE_GENERATION_TIMEOUT_MS",
+        _integer(0),
+        "end a job running longer than this as TIMEOUT_ERROR (default 0: off)",
     ),
 )
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
-import time
 import socket
+import time
 from pathlib import Path
 from typing import Any
 

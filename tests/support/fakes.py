@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from PIL import Image as PILImage
 from PIL.Image import Image
@@ -20,8 +21,17 @@ from diffusiond.jobs.models import Stage
 class FakeBackend:
     """Reports every stage like the real backend; can fail on a seed or hold at a step."""
 
-    def __init__(self, *, fail_on_seed: int | None = None, error: Exception | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        fail_on_seed: int | None = None,
+        error: BaseException | None = None,
+        blank_on_seed: int | None = None,
+        step_seconds: float = 0.0,
+    ) -> None:
+        self.step_seconds = step_seconds
         self.fail_on_seed = fail_on_seed
+        self.blank_on_seed = blank_on_seed
         self.error = error or RuntimeError("the fake backend broke")
         self.drawn: list[ImageSpec] = []
         self.hold = threading.Event()  # while clear, generate() waits at step 1 (if holding)
@@ -45,6 +55,7 @@ class FakeBackend:
             if spec.seed == self.fail_on_seed:
                 raise self.error
             on_stage(Stage.DIFFUSION, step, spec.steps)
+            time.sleep(self.step_seconds)  # the simulated work of one step
             if step == 1 and self.holding:
                 self.at_step_one.set()
                 self.hold.wait(timeout=30)
@@ -54,4 +65,7 @@ class FakeBackend:
         on_stage(Stage.DECODING, 0, 1)
         on_stage(Stage.DECODING, 1, 1)
         self.drawn.append(spec)
-        return PILImage.new("RGB", (spec.width, spec.height), (spec.seed % 256, 0, 0))
+        picture = PILImage.new("RGB", (spec.width, spec.height), (spec.seed % 256, 0, 0))
+        if spec.seed != self.blank_on_seed:
+            picture.putpixel((0, 0), (255, 255, 255))  # not one flat colour
+        return picture

@@ -2,8 +2,11 @@
 
 Started with `diffusiond serve --backend tests.support.faulty_backend:create`. A prompt
 containing `[fail-seed=N]` makes the image drawn with seed N raise a plain exception;
-`[oom-seed=N]` raises PyTorch's out-of-memory error instead. Every other image is drawn by
-the real pipeline. With DIFFUSIOND_TEST_LOAD_GATE=PATH set, loading waits until PATH exists.
+`[oom-seed=N]` raises PyTorch's out-of-memory error instead, `[path-seed=N]` an OSError
+whose message holds a file path, `[die-seed=N]` SystemExit (which ends a worker thread),
+and `[blank-seed=N]` returns a black picture after the real pipeline ran. Every other image
+is drawn by the real pipeline. With DIFFUSIOND_TEST_LOAD_GATE=PATH set, loading waits until
+PATH exists.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image as PILImage
 from PIL.Image import Image
 
 from diffusiond.backends.base import BackendInfo, CancelCheck, ImageSpec, StageCallback
@@ -21,7 +25,7 @@ from diffusiond.backends.diffusers_backend import DiffusersBackend
 from diffusiond.jobs.models import Stage
 from diffusiond.settings import Settings
 
-_FAULT = re.compile(r"\[(fail|oom)-seed=(\d+)\]")
+_FAULT = re.compile(r"\[(fail|oom|path|die|blank)-seed=(\d+)\]")
 
 
 class InjectedFault(RuntimeError):
@@ -45,6 +49,9 @@ class FaultyBackend:
     def generate(
         self, spec: ImageSpec, on_stage: StageCallback, should_cancel: CancelCheck
     ) -> Image:
+        if f"[blank-seed={spec.seed}]" in spec.prompt:
+            drawn = self._real.generate(spec, on_stage, should_cancel)
+            return PILImage.new("RGB", drawn.size)
         fault = _fault_for(spec)
         if fault is None:
             return self._real.generate(spec, on_stage, should_cancel)
@@ -58,12 +65,16 @@ class FaultyBackend:
         return self._real.generate(spec, on_stage_then_fail, should_cancel)
 
 
-def _fault_for(spec: ImageSpec) -> Exception | None:
+def _fault_for(spec: ImageSpec) -> BaseException | None:
+    faults: dict[str, BaseException] = {
+        "fail": InjectedFault(f"injected fault at seed {spec.seed}"),
+        "oom": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        "path": FileNotFoundError(2, "No such file", "/srv/secret/models/weights.bin"),
+        "die": SystemExit("injected worker death"),
+    }
     for kind, seed in _FAULT.findall(spec.prompt):
-        if int(seed) == spec.seed:
-            if kind == "oom":
-                return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-            return InjectedFault(f"injected fault at seed {spec.seed}")
+        if int(seed) == spec.seed and kind in faults:
+            return faults[kind]
     return None
 
 

@@ -98,6 +98,8 @@ def launch(args: list[str], env: Mapping[str, str] | None = None) -> ServerProce
 def start_server(
     home: Path, *extra_args: str, env: Mapping[str, str] | None = None, wait_ready: bool = True
 ) -> ServerProcess:
+    # The tests' long jobs draw 2048x2048 (about a second a step): allow that many pixels.
+    env = {"IMAGE_MAX_PIXELS": str(2048 * 2048), **(env or {})}
     server = launch(["--port", "0", "--home", str(home), *extra_args], env)
     listening = server.wait_for_line("diffusiond: listening on ")
     server.url = listening.strip().rsplit(" ", 1)[-1]

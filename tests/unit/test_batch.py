@@ -12,6 +12,7 @@ from diffusiond.engine.batch import (
     overall_percentage,
     resolve_seeds,
     run_batch,
+    scrub_paths,
 )
 from diffusiond.jobs.models import ErrorCode, GenerationRequest, Progress, Stage
 from tests.support.fakes import FakeBackend
@@ -122,3 +123,23 @@ def test_cancel_propagates_and_is_no_failure() -> None:
 )
 def test_error_codes(exc: BaseException, code: ErrorCode) -> None:
     assert classify_error(exc) is code
+
+
+def test_a_blank_image_is_refused_not_returned() -> None:
+    backend = FakeBackend(blank_on_seed=2)
+    with pytest.raises(BatchFailed) as caught:
+        run(backend, GenerationRequest(prompt="x", seed=1, count=2, steps=1))
+    error = caught.value.to_job_error()
+    assert error.message.startswith(
+        "Generation failed on image 2 of 2: the model produced a blank image"
+    )
+    assert error.code is ErrorCode.BACKEND_ERROR
+
+
+def test_file_paths_never_reach_the_stored_message() -> None:
+    cause = FileNotFoundError(2, "No such file", "/home/alice/models/sd.safetensors")
+    error = BatchFailed(1, 1, cause).to_job_error()
+    assert "/home/alice" not in error.message
+    assert "<path>" in error.message
+    assert error.code is ErrorCode.IO_ERROR
+    assert scrub_paths("see http://host/a/b and /var/lib/x") == "see http://host/a/b and <path>"

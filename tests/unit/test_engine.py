@@ -160,9 +160,15 @@ def test_a_backend_failure_ends_the_job_and_the_worker_goes_on(
         engine.shutdown()
 
 
-def test_an_unexpected_worker_failure_still_ends_the_job(registry: GenerationRegistry) -> None:
+def test_a_worker_thread_that_dies_ends_its_job_and_is_replaced(
+    registry: GenerationRegistry,
+) -> None:
+    deaths = [SystemExit("a worker thread's death")]
+
     def broken_encoder(_image: object) -> bytes:
-        raise SystemExit("not an Exception: escapes the batch loop")
+        if deaths:
+            raise deaths.pop()
+        return b"png"
 
     engine = Engine(registry, FakeBackend(), max_concurrent=1, encode=broken_encoder)
     engine.start()
@@ -174,7 +180,28 @@ def test_an_unexpected_worker_failure_still_ends_the_job(registry: GenerationReg
         assert final.status is JobStatus.ERROR
         assert final.error is not None
         assert final.error.code is ErrorCode.UNKNOWN_ERROR
-        assert engine.stats().admitted == 0
+        # The thread that died was replaced: the next job runs.
+        after = engine.submit(REQUEST)
+        assert watcher.wait_terminal(after.id).status is JobStatus.COMPLETE
+    finally:
+        engine.shutdown()
+
+
+def test_a_job_past_the_time_limit_ends_as_timeout(registry: GenerationRegistry) -> None:
+    backend = FakeBackend(step_seconds=0.01)
+    engine = Engine(registry, backend, max_concurrent=1, timeout_ms=50, encode=lambda i: b"png")
+    engine.start()
+    engine.load_model()
+    watcher = Watcher(registry)
+    try:
+        slow = engine.submit(GenerationRequest(prompt="x", steps=150, seed=1))
+        final = watcher.wait_terminal(slow.id)
+        assert final.status is JobStatus.ERROR
+        assert final.error is not None
+        assert final.error.code is ErrorCode.TIMEOUT_ERROR
+        assert "timed out after 50 ms" in final.error.message
+        quick = engine.submit(GenerationRequest(prompt="x", steps=1, seed=2))
+        assert watcher.wait_terminal(quick.id).status is JobStatus.COMPLETE
     finally:
         engine.shutdown()
 

@@ -289,3 +289,19 @@ RegistryLifecycle.TestCase.settings = settings(
     max_examples=60, stateful_step_count=40, deadline=None
 )
 test_registry_lifecycle = RegistryLifecycle.TestCase
+
+
+def test_each_transition_logs_one_structured_line(
+    registry: GenerationRegistry, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="diffusiond.jobs.registry")
+    job = registry.create(REQUEST)
+    clock.now += 7
+    registry.start(job.id)
+    registry.report_progress(job.id, progress(10))  # progress is no transition
+    clock.now += 30
+    registry.fail(job.id, ERROR)
+    lines = [r for r in caplog.records if getattr(r, "job", None) == job.id]
+    assert [r.status for r in lines] == ["pending", "in_progress", "error"]  # type: ignore[attr-defined]
+    assert [r.durationMs for r in lines] == [0, 7, 30]  # type: ignore[attr-defined]
+    assert lines[-1].errorCode == "BACKEND_ERROR"  # type: ignore[attr-defined]

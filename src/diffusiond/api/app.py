@@ -9,13 +9,23 @@ from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from diffusiond import __version__
 from diffusiond.api import errors
-from diffusiond.api.schemas import dump, job_body, parse_generation_request, summary_body
+from diffusiond.api.openapi import openapi_document
+from diffusiond.api.schemas import (
+    DEFAULT_MAX_PIXELS,
+    dump,
+    job_body,
+    parse_generation_request,
+    summary_body,
+)
+from diffusiond.api.security import BearerKeyMiddleware
 from diffusiond.engine.engine import Engine
 from diffusiond.errors import DiffusiondError, PayloadTooLarge, ServerNotReady
 from diffusiond.jobs.models import Job
@@ -31,6 +41,9 @@ Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 class ApiConfig:
     max_batch: int
     poll_interval_ms: int
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
 
 
 class _TerminalBodyCache:
@@ -79,6 +92,7 @@ class _Endpoints:
         self._engine = engine
         self._config = config
         self._cache = _TerminalBodyCache(_CACHED_BODIES)
+        self._openapi: bytes | None = None
 
     # One route per path, so a wrong method's 405 lists every method the path allows.
     async def generations(self, request: Request) -> Response:
@@ -95,13 +109,25 @@ class _Endpoints:
 
     async def create(self, request: Request) -> Response:
         body = await _read_body(request)
-        job = self._engine.submit(parse_generation_request(body, max_batch=self._config.max_batch))
+        parsed = parse_generation_request(
+            body, max_batch=self._config.max_batch, max_pixels=self._config.max_pixels
+        )
+        job = self._engine.submit(parsed)
         created = {"id": job.id, "status": job.status.value, "createdAt": job.created_at}
         return _json(dump(created), 201, {"Location": f"/v1/images/generations/{job.id}"})
 
     def list(self) -> Response:
         jobs = self._registry.list()
         return _json(dump({"generations": [summary_body(job) for job in jobs]}))
+
+    async def openapi(self, _request: Request) -> Response:
+        if self._openapi is None:
+            self._openapi = dump(
+                openapi_document(
+                    max_batch=self._config.max_batch, secured=self._config.api_key is not None
+                )
+            )
+        return _json(self._openapi)
 
     async def health(self, _request: Request) -> Response:
         engine = self._engine
@@ -144,9 +170,25 @@ def create_app(
         Route("/v1/images/generations", endpoints.generations, methods=["GET", "POST"]),
         Route("/v1/images/generations/{id}", endpoints.generation, methods=["GET", "DELETE"]),
         Route("/health", endpoints.health, methods=["GET"]),
+        Route("/openapi.json", endpoints.openapi, methods=["GET"]),
     ]
+    middleware = []
+    if config.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.cors_origins),
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type"],
+                expose_headers=["Location", "Retry-After"],
+                max_age=600,
+            )
+        )
+    if config.api_key is not None:
+        middleware.append(Middleware(BearerKeyMiddleware, api_key=config.api_key))
     return Starlette(
         routes=routes,
+        middleware=middleware,
         exception_handlers={
             DiffusiondError: errors.domain_error,
             HTTPException: errors.http_error,

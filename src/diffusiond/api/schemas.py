@@ -119,7 +119,12 @@ def _show(value: object) -> str:
     return "an object"
 
 
-def parse_generation_request(body: bytes, *, max_batch: int) -> GenerationRequest:
+DEFAULT_MAX_PIXELS = 1024 * 1024
+
+
+def parse_generation_request(
+    body: bytes, *, max_batch: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> GenerationRequest:
     """Validate a POST body into a request; every error names the field and the rule."""
     try:
         data = orjson.loads(body)
@@ -150,7 +155,21 @@ def parse_generation_request(body: bytes, *, max_batch: int) -> GenerationReques
         raw = data.get(wire_name)
         if raw is not None:  # null means "use the default"
             values[name] = check(raw)
-    return GenerationRequest(**values)
+    request = GenerationRequest(**values)
+    _check_pixel_budget(request, max_pixels)
+    return request
+
+
+def _check_pixel_budget(request: GenerationRequest, max_pixels: int) -> None:
+    pixels = request.width * request.height
+    if pixels > max_pixels:
+        rule = f"width x height of at most {max_pixels} pixels"
+        raise InvalidRequest(
+            f"width x height must be at most {max_pixels} pixels (this server's "
+            f"IMAGE_MAX_PIXELS), got {request.width}x{request.height} = {pixels}",
+            field="width",
+            rule=rule,
+        )
 
 
 # -- rendering ---------------------------------------------------------------------------

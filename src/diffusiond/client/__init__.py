@@ -14,6 +14,7 @@ from diffusiond.client.errors import (
     ServerBusyError,
     ServerError,
     ServerNotReadyError,
+    UnauthorizedError,
 )
 from diffusiond.client.models import GeneratedImage, Generation, Health, Progress
 from diffusiond.client.sync import Client
@@ -37,4 +38,5 @@ __all__ = [
     "ServerBusyError",
     "ServerError",
     "ServerNotReadyError",
+    "UnauthorizedError",
 ]

@@ -26,7 +26,14 @@ _ERRORS: dict[str, type[errors.DiffusiondClientError]] = {
     "NOT_FOUND": errors.NotFoundError,
     "ALREADY_TERMINAL": errors.AlreadyTerminalError,
     "SERVER_NOT_READY": errors.ServerNotReadyError,
+    "UNAUTHORIZED": errors.UnauthorizedError,
 }
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The Authorization header for `api_key`, else DIFFUSIOND_API_KEY, else none."""
+    key = api_key or os.environ.get("DIFFUSIOND_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def resolve_url(url: str | None) -> str:

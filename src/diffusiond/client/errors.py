@@ -35,6 +35,10 @@ class InvalidRequestError(DiffusiondClientError):
         return value if isinstance(value, str) else None
 
 
+class UnauthorizedError(DiffusiondClientError):
+    """401: the server wants an API key (IMAGE_API_KEY) and this one is missing or wrong."""
+
+
 class NotFoundError(DiffusiondClientError):
     """404: the generation id is unknown, or its result expired."""
 

@@ -26,13 +26,16 @@ class Client:
         self,
         url: str | None = None,
         *,
+        api_key: str | None = None,
         retry_busy: float | None = None,
         request_timeout: float = 30.0,
         http: httpx.Client | None = None,
     ) -> None:
         self.url = proto.resolve_url(url)
         self._retry_busy = retry_busy
-        self._http = http or httpx.Client(base_url=self.url, timeout=request_timeout)
+        self._http = http or httpx.Client(
+            base_url=self.url, timeout=request_timeout, headers=proto.auth_headers(api_key)
+        )
         self._poll_interval_s: float | None = None
 
     def __enter__(self) -> Client:

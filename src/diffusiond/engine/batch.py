@@ -6,6 +6,7 @@ Pure logic over the backend protocol: no threads, no registry, no torch.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 
 from PIL.Image import Image
@@ -60,6 +61,28 @@ def overall_percentage(images_done: int, count: int, fraction: float) -> float:
     return round((images_done + fraction) / count * 100, 2)
 
 
+class BlankImage(Exception):
+    """The backend returned an image of one flat colour (often NaN values turned black)."""
+
+
+def _refuse_blank(picture: Image) -> None:
+    extrema = picture.getextrema()
+    bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+    if all(low == high for low, high in bands):
+        raise BlankImage(
+            "the model produced a blank image (every pixel the same colour); this usually "
+            "means NaN values, e.g. from float16 overflow"
+        )
+
+
+# Absolute file paths are for the log, never for a response.
+_PATH = re.compile(r"(?<![\w:/])/(?:[^\s/'\"]+/)+[^\s'\"]*")
+
+
+def scrub_paths(text: str) -> str:
+    return _PATH.sub("<path>", text)
+
+
 class BatchFailed(Exception):
     """Image `index` (1-based) of `count` raised `cause`."""
 
@@ -70,7 +93,7 @@ class BatchFailed(Exception):
         self.cause = cause
 
     def to_job_error(self) -> JobError:
-        detail = str(self.cause) or type(self.cause).__name__
+        detail = scrub_paths(str(self.cause)) or type(self.cause).__name__
         where = f"on image {self.index} of {self.count}" if self.count > 1 else ""
         prefix = f"Generation failed {where}".rstrip()
         return JobError(message=f"{prefix}: {detail}"[:1000], code=classify_error(self.cause))
@@ -105,8 +128,6 @@ def run_batch(
     count = request.count
     images: list[GeneratedImage] = []
     for index, seed in enumerate(resolve_seeds(request.seed, count, rng)):
-        if should_cancel():
-            raise GenerationCancelled
 
         def on_stage(stage: Stage, step: int, total: int, done: int = index) -> None:
             report(
@@ -131,7 +152,10 @@ def run_batch(
             sampler=request.sampler,
         )
         try:
+            if should_cancel():
+                raise GenerationCancelled
             picture = backend.generate(spec, on_stage, should_cancel)
+            _refuse_blank(picture)
             png = encode(picture)
         except GenerationCancelled:
             raise

@@ -39,6 +39,10 @@ class EngineStats:
     max_concurrent: int
 
 
+class GenerationTimedOut(TimeoutError):
+    """The job ran past IMAGE_GENERATION_TIMEOUT_MS; raised at its next step."""
+
+
 class _Admitted:
     """An admitted job's cancel token and, once it runs, when it started."""
 
@@ -61,17 +65,20 @@ class Engine:
         backend: Backend,
         *,
         max_concurrent: int,
+        timeout_ms: int = 0,
         encode: Callable[[Image], bytes] = encode_png,
     ) -> None:
         self._registry = registry
         self._backend = backend
         self._max_concurrent = max_concurrent
+        self._timeout_ms = timeout_ms
         self._encode = encode
         self._lock = threading.Lock()
         self._admitted: dict[str, _Admitted] = {}
         self._running = 0
         self._queue: queue.SimpleQueue[tuple[str, GenerationRequest] | object] = queue.SimpleQueue()
         self._ready = threading.Event()
+        self._stopping = threading.Event()
         self._load_error: str | None = None
         self._workers = [
             threading.Thread(target=self._work, name=f"generation-worker-{n}", daemon=True)
@@ -97,14 +104,17 @@ class Engine:
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Cancel what runs, stop the workers, and wait for them up to `timeout_s`."""
+        self._stopping.set()
         with self._lock:
             for job_id, admitted in self._admitted.items():
                 admitted.cancelled.set()
                 self._end_quietly(job_id, self._registry.cancel)
-        for _ in self._workers:
+        with self._lock:
+            workers = list(self._workers)
+        for _ in workers:
             self._queue.put(_STOP)
         deadline = time.monotonic() + timeout_s
-        for worker in self._workers:
+        for worker in workers:
             if worker.is_alive():
                 worker.join(max(0.0, deadline - time.monotonic()))
 
@@ -137,14 +147,6 @@ class Engine:
             job = self._registry.create(request)
             self._admitted[job.id] = _Admitted()
         self._queue.put((job.id, request))
-        log.info(
-            "job %s pending: %dx%d, %d step(s), count %d",
-            job.id,
-            request.width,
-            request.height,
-            request.steps,
-            request.count,
-        )
         return job
 
     def cancel(self, job_id: str) -> Job:
@@ -154,32 +156,47 @@ class Engine:
             admitted = self._admitted.pop(job_id, None)
             if admitted is not None:
                 admitted.cancelled.set()
-                log.info("job %s cancelled", job_id)
         return job
 
     # -- the workers -------------------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            assert isinstance(item, tuple)
-            job_id, request = item
-            try:
-                self._run(job_id, request)
-            except BaseException:
-                # Whatever broke, the job must still end: nothing accepted stays open.
-                log.exception("job %s: unexpected failure in the worker", job_id)
-                self._end_quietly(
-                    job_id,
-                    lambda jid: self._registry.fail(
-                        jid, JobError("Generation failed: internal error", ErrorCode.UNKNOWN_ERROR)
-                    ),
-                )
-            finally:
-                with self._lock:
-                    self._admitted.pop(job_id, None)
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP:
+                    return
+                assert isinstance(item, tuple)
+                if not self._run_guarded(*item):
+                    return
+        finally:
+            self._replace_if_dead()
+
+    def _run_guarded(self, job_id: str, request: GenerationRequest) -> bool:
+        """Run one job; False when this thread must end (SystemExit and the like)."""
+        try:
+            self._run(job_id, request)
+        except BaseException as exc:
+            # Whatever broke, the job must still end: nothing accepted stays open.
+            log.error("job %s: unexpected failure in the worker", job_id, exc_info=exc)
+            error = JobError("Generation failed: internal error", ErrorCode.UNKNOWN_ERROR)
+            self._end_quietly(job_id, lambda jid: self._registry.fail(jid, error))
+            return isinstance(exc, Exception)
+        finally:
+            with self._lock:
+                self._admitted.pop(job_id, None)
+        return True
+
+    def _replace_if_dead(self) -> None:
+        """Called as a worker thread ends: unless stopping, start one in its place."""
+        if self._stopping.is_set():
+            return
+        log.error("%s ended; starting a replacement", threading.current_thread().name)
+        worker = threading.Thread(target=self._work, name="generation-worker-r", daemon=True)
+        with self._lock:
+            self._workers = [w for w in self._workers if w is not threading.current_thread()]
+            self._workers.append(worker)
+        worker.start()
 
     def _run(self, job_id: str, request: GenerationRequest) -> None:
         with self._lock:
@@ -207,33 +224,36 @@ class Engine:
             except (AlreadyTerminal, NotFound):
                 admitted.cancelled.set()  # the job ended elsewhere: stop drawing it
 
+        def should_stop() -> bool:
+            if admitted.cancelled.is_set():
+                return True
+            if self._timeout_ms and time.monotonic() - started > self._timeout_ms / 1000:
+                raise GenerationTimedOut(
+                    f"timed out after {self._timeout_ms} ms (IMAGE_GENERATION_TIMEOUT_MS)"
+                )
+            return False
+
         try:
             images = run_batch(
                 self._backend,
                 request,
                 report=report,
-                should_cancel=admitted.cancelled.is_set,
+                should_cancel=should_stop,
                 encode=self._encode,
             )
         except GenerationCancelled:
-            log.info("job %s stopped after %.2f s (cancelled)", job_id, time.monotonic() - started)
+            log.debug("job %s stopped after %.2f s (cancelled)", job_id, time.monotonic() - started)
             return
         except BatchFailed as failure:
             error = failure.to_job_error()
-            log.warning(
-                "job %s error %s: %s",
-                job_id,
-                error.code.value,
-                error.message,
-                exc_info=failure.cause,
-            )
+            # The transition line says what the client sees; the cause's trace is for the log.
+            log.warning("job %s failed: %r", job_id, failure.cause, exc_info=failure.cause)
             self._end_quietly(job_id, lambda jid: self._registry.fail(jid, error))
             return
         elapsed_ms = round((time.monotonic() - started) * 1000)
         self._end_quietly(
             job_id, lambda jid: self._registry.complete(jid, Result(images, elapsed_ms))
         )
-        log.info("job %s complete in %d ms", job_id, elapsed_ms)
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -127,6 +127,7 @@ class Job:
     status: JobStatus
     created_at: int
     updated_at: int
+    started_at: int | None = None
     progress: Progress | None = None
     result: Result | None = None
     error: JobError | None = None

@@ -66,7 +66,8 @@ class GenerationRegistry:
                 updated_at=now,
             )
             self._store.put(job)
-            return job
+        _log_transition(job, 0)
+        return job
 
     def get(self, job_id: str) -> Job:
         with self._lock:
@@ -153,9 +154,32 @@ class GenerationRegistry:
             )
         # updatedAt never goes back, even if the wall clock does.
         now = max(self._clock(), job.updated_at)
+        if job.status is JobStatus.PENDING and target is JobStatus.IN_PROGRESS:
+            changes = {**changes, "started_at": now}
         updated = dataclasses.replace(job, status=target, updated_at=now, **changes)
         self._store.put(updated)
+        if target is not job.status:
+            # Time in the state it left: waiting when it starts, running when it ends.
+            since = job.started_at if job.started_at is not None else job.created_at
+            _log_transition(updated, now - since)
         return updated
+
+
+def _log_transition(job: Job, duration_ms: int) -> None:
+    code = job.error.code.value if job.error is not None else None
+    log.info(
+        "job %s %s duration_ms=%d error_code=%s",
+        job.id,
+        job.status.value,
+        duration_ms,
+        code or "-",
+        extra={
+            "job": job.id,
+            "status": job.status.value,
+            "durationMs": duration_ms,
+            "errorCode": code,
+        },
+    )
 
 
 class TtlSweeper:

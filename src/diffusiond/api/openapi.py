@@ -1,0 +1,225 @@
+"""The OpenAPI 3.1 document of the HTTP API (served at /openapi.json, fuzzed in CI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusiond import __version__
+from diffusiond.api.schemas import MAX_SEED, MAX_TEXT_CHARS
+from diffusiond.jobs.models import SAMPLERS
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_STATUS = {"type": "string", "enum": ["pending", "in_progress", "complete", "error", "cancelled"]}
+_ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _schemas(max_batch: int) -> dict[str, Any]:
+    nullable_int = {"type": ["integer", "null"]}
+    return {
+        "GenerationRequest": {
+            "type": "object",
+            "required": ["prompt"],
+            "properties": {
+                "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS},
+                "negativePrompt": {"type": ["string", "null"], "maxLength": MAX_TEXT_CHARS},
+                "width": {**nullable_int, "minimum": 64, "maximum": 2048, "multipleOf": 8},
+                "height": {**nullable_int, "minimum": 64, "maximum": 2048, "multipleOf": 8},
+                "steps": {**nullable_int, "minimum": 1, "maximum": 150},
+                "cfgScale": {"type": ["number", "null"], "minimum": 0, "maximum": 30},
+                "seed": {**nullable_int, "minimum": -1, "maximum": MAX_SEED},
+                "sampler": {"type": ["string", "null"], "enum": [*SAMPLERS, None]},
+                "count": {**nullable_int, "minimum": 1, "maximum": max_batch},
+            },
+        },
+        "Created": {
+            "type": "object",
+            "required": ["id", "status", "createdAt"],
+            "properties": {
+                "id": {"type": "string"},
+                "status": _STATUS,
+                "createdAt": {"type": "integer"},
+            },
+        },
+        "Summary": {
+            "type": "object",
+            "required": ["id", "status", "createdAt", "updatedAt"],
+            "properties": {
+                "id": {"type": "string"},
+                "status": _STATUS,
+                "createdAt": {"type": "integer"},
+                "updatedAt": {"type": "integer"},
+            },
+        },
+        "Progress": {
+            "type": "object",
+            "required": [
+                "currentStep",
+                "totalSteps",
+                "stage",
+                "percentage",
+                "currentImage",
+                "totalImages",
+            ],
+            "properties": {
+                "currentStep": {"type": "integer", "minimum": 0},
+                "totalSteps": {"type": "integer", "minimum": 0},
+                "stage": {"type": "string", "enum": ["loading", "diffusion", "decoding"]},
+                "percentage": {"type": "number", "minimum": 0, "maximum": 100},
+                "currentImage": {"type": "integer", "minimum": 1},
+                "totalImages": {"type": "integer", "minimum": 1},
+            },
+        },
+        "Image": {
+            "type": "object",
+            "required": ["image", "seed", "width", "height"],
+            "properties": {
+                "image": {"type": "string", "contentEncoding": "base64"},
+                "seed": {"type": "integer"},
+                "width": {"type": "integer"},
+                "height": {"type": "integer"},
+            },
+        },
+        "Generation": {
+            "allOf": [_ref("Summary")],
+            "properties": {
+                "progress": _ref("Progress"),
+                "result": {
+                    "type": "object",
+                    "required": ["images", "format", "timeTaken"],
+                    "properties": {
+                        "images": {"type": "array", "items": _ref("Image")},
+                        "format": {"const": "png"},
+                        "timeTaken": {"type": "integer"},
+                    },
+                },
+                "error": {
+                    "type": "object",
+                    "required": ["message", "code"],
+                    "properties": {"message": {"type": "string"}, "code": {"type": "string"}},
+                },
+            },
+        },
+        "Cancelled": {
+            "type": "object",
+            "required": ["id", "status"],
+            "properties": {"id": {"type": "string"}, "status": {"const": "cancelled"}},
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status", "busy", "pollIntervalMs"],
+            "properties": {
+                "status": {"const": "ok"},
+                "busy": {"type": "boolean"},
+                "pollIntervalMs": {"type": "integer", "minimum": 1},
+            },
+        },
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "code"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "code": {"type": "string"},
+                        "suggestion": {"type": "string"},
+                        "details": {"type": "object"},
+                    },
+                },
+            },
+        },
+    }
+
+
+def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
+    """The document for a server with these settings."""
+    unauthorized = {"401": _error("missing or wrong API key")} if secured else {}
+    paths: dict[str, Any] = {
+        "/v1/images/generations": {
+            "post": {
+                "operationId": "startGeneration",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("GenerationRequest")}},
+                },
+                "responses": {
+                    "201": {
+                        **_json(_ref("Created"), "accepted; poll the Location"),
+                        "headers": {"Location": {"schema": {"type": "string"}}},
+                    },
+                    "400": _error("a field breaks a rule"),
+                    "413": _error("the body is over 64 KiB"),
+                    "503": _error("busy (with Retry-After) or the model is not ready"),
+                    **unauthorized,
+                },
+            },
+            "get": {
+                "operationId": "listGenerations",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["generations"],
+                            "properties": {
+                                "generations": {"type": "array", "items": _ref("Summary")}
+                            },
+                        },
+                        "newest first, without results",
+                    ),
+                    **unauthorized,
+                },
+            },
+        },
+        "/v1/images/generations/{id}": {
+            "parameters": [_ID_PARAM],
+            "get": {
+                "operationId": "getGeneration",
+                "responses": {
+                    "200": _json(_ref("Generation"), "the job's state"),
+                    "404": _error("unknown or expired id"),
+                    **unauthorized,
+                },
+            },
+            "delete": {
+                "operationId": "cancelGeneration",
+                "responses": {
+                    "200": _json(_ref("Cancelled"), "cancelled (idempotent)"),
+                    "404": _error("unknown or expired id"),
+                    "409": _error("already complete or failed"),
+                    **unauthorized,
+                },
+            },
+        },
+        "/health": {
+            "get": {
+                "operationId": "health",
+                "responses": {
+                    "200": _json(_ref("Health"), "ready"),
+                    "503": _error("the model is loading or failed to load"),
+                },
+            },
+        },
+    }
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "diffusiond", "version": __version__},
+        "paths": paths,
+        "components": {"schemas": _schemas(max_batch)},
+    }
+    if secured:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+    return document
