@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -76,6 +77,22 @@ def bind_listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _yield_cpu_to_generation(niceness: int) -> None:
+    """Run the event-loop thread below the generation threads, which were started before it.
+
+    On a machine whose cores all do diffusion, every poll a client sends takes CPU from the
+    generation; at a lower priority, polls are answered in the gaps the generation leaves
+    (still within milliseconds) instead of stalling its threads, however fast clients poll.
+    Linux keeps a nice value per thread; elsewhere this does nothing.
+    """
+    try:
+        thread = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + niceness))
+    except (AttributeError, OSError) as exc:
+        log.debug("could not lower the HTTP thread's priority: %s", exc)
+
+
 class Service:
     """The parts of a running server and their start and stop, in order."""
 
@@ -107,6 +124,8 @@ class Service:
         self.engine.start()
         self.sweeper.start()
         threading.Thread(target=self._load_model, name="model-loader", daemon=True).start()
+        if self.settings.http_niceness:
+            _yield_cpu_to_generation(self.settings.http_niceness)
         try:
             yield
         finally:

@@ -48,6 +48,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     max_pixels: int = 1024 * 1024
     generation_timeout_ms: int = 0  # 0: no limit
+    http_niceness: int = 10
 
 
 Parser = Callable[[str], object]
@@ -205,6 +206,13 @@ OPTIONS: tuple[Option, ...] = (
         "DIFFUSIOND_LOG_LEVEL",
         _choice("debug", "info", "warning", "error"),
         "debug, info, warning or error",
+    ),
+    Option(
+        "http_niceness",
+        "--http-niceness",
+        "DIFFUSIOND_HTTP_NICENESS",
+        _integer(0, 19),
+        "nice levels the HTTP thread runs below generation (default 10; 0: the same)",
     ),
     Option(
         "log_json",

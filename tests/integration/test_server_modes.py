@@ -226,3 +226,18 @@ def test_a_taken_port_stops_the_server_with_a_clear_line() -> None:
     assert finished.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+def test_the_http_thread_runs_below_the_generation_threads(
+    server: ServerProcess, client: httpx.Client
+) -> None:
+    def nice(tid: str) -> int:
+        stat = Path(f"/proc/{server.process.pid}/task/{tid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[16])  # field 19 of proc(5)
+
+    job = client.post("/v1/images/generations", json={"prompt": "x", **SMALL}).json()
+    poll_until(client, job["id"])  # the worker has run torch: its threads exist
+    tids = [entry.name for entry in Path(f"/proc/{server.process.pid}/task").iterdir()]
+    main_thread = str(server.process.pid)  # the event loop runs on the main thread
+    assert nice(main_thread) == 10
+    assert any(nice(tid) == 0 for tid in tids if tid != main_thread)
