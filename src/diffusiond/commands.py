@@ -143,20 +143,24 @@ def progress_bar() -> Iterator[Callable[[Progress], None]]:
         yield update
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The request the generate flags describe, as the client's keyword arguments."""
     width, height = args.size
+    return {
+        "negative_prompt": args.negative,
+        "width": width,
+        "height": height,
+        "steps": args.steps,
+        "cfg_scale": args.cfg,
+        "seed": args.seed,
+        "sampler": args.sampler,
+        "count": args.count,
+    }
+
+
+def _generate(args: argparse.Namespace) -> int:
     with Client(args.server, api_key=args.api_key) as client:
-        generation = client.start(
-            args.prompt,
-            negative_prompt=args.negative,
-            width=width,
-            height=height,
-            steps=args.steps,
-            cfg_scale=args.cfg,
-            seed=args.seed,
-            sampler=args.sampler,
-            count=args.count,
-        )
+        generation = client.start(args.prompt, **_generation_params(args))
         try:
             with progress_bar() as update:
                 done = client.wait(generation.id, on_progress=update)
@@ -166,11 +170,8 @@ def _generate(args: argparse.Namespace) -> int:
             try:
                 client.cancel(generation.id)
             except DiffusiondClientError as exc:
-                if exc.code != "ALREADY_TERMINAL":
-                    _say(
-                        f"diffusiond: interrupted; could not cancel {generation.id}: {exc.message}"
-                    )
-                    return EXIT_INTERRUPTED
+                _say(f"diffusiond: interrupted; {generation.id} was not cancelled: {exc.message}")
+                return EXIT_INTERRUPTED
             _say(f"diffusiond: interrupted; generation {generation.id} was cancelled")
             return EXIT_INTERRUPTED
     _save_all(args.output, done.id, done.images)
@@ -180,20 +181,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _generate_local(args: argparse.Namespace) -> int:
     from diffusiond.local import generate_locally
 
-    width, height = args.size
     try:
         with progress_bar() as update:
             job_id, images = generate_locally(
-                prompt=args.prompt,
-                negative_prompt=args.negative,
-                width=width,
-                height=height,
-                steps=args.steps,
-                cfg_scale=args.cfg,
-                seed=args.seed,
-                sampler=args.sampler,
-                count=args.count,
-                on_progress=update,
+                prompt=args.prompt, on_progress=update, **_generation_params(args)
             )
     except KeyboardInterrupt:
         _say("diffusiond: interrupted")
