@@ -17,6 +17,7 @@ from diffusiond.backends.base import Backend, BackendInfo, GenerationCancelled
 from diffusiond.engine.batch import BatchFailed, run_batch
 from diffusiond.errors import AlreadyTerminal, NotFound, ServerBusy, ServerNotReady
 from diffusiond.imaging import encode_png
+from diffusiond.memory import trim_heap
 from diffusiond.jobs.models import (
     ErrorCode,
     GenerationRequest,
@@ -185,6 +186,7 @@ class Engine:
         finally:
             with self._lock:
                 self._admitted.pop(job_id, None)
+            trim_heap()
         return True
 
     def _replace_if_dead(self) -> None:
