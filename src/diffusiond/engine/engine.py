@@ -17,7 +17,6 @@ from diffusiond.backends.base import Backend, BackendInfo, GenerationCancelled
 from diffusiond.engine.batch import BatchFailed, run_batch
 from diffusiond.errors import AlreadyTerminal, NotFound, ServerBusy, ServerNotReady
 from diffusiond.imaging import encode_png
-from diffusiond.memory import trim_heap
 from diffusiond.jobs.models import (
     ErrorCode,
     GenerationRequest,
@@ -27,6 +26,7 @@ from diffusiond.jobs.models import (
     Result,
 )
 from diffusiond.jobs.registry import GenerationRegistry
+from diffusiond.memory import trim_heap
 
 log = logging.getLogger(__name__)
 
