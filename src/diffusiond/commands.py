@@ -76,6 +76,10 @@ def add_client_commands(commands: Any) -> None:
 
     listing = commands.add_parser("list", help="recent generations, newest first")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument(
+        "--status", help="only these statuses, comma-separated (e.g. pending,in_progress)"
+    )
+    listing.add_argument("--limit", type=int, help="at most this many")
     _add_server_flag(listing)
 
 
@@ -231,7 +235,7 @@ def _cancel(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     with Client(args.server, api_key=args.api_key) as client:
-        generations = client.list()
+        generations = client.list(status=args.status, limit=args.limit)
     if args.json:
         print(json.dumps([_summary(g) for g in generations], indent=2))
         return 0

@@ -11,8 +11,9 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 
 import uvicorn
 from starlette.applications import Starlette
@@ -22,6 +23,7 @@ from diffusiond.backends.base import Backend
 from diffusiond.engine.engine import Engine
 from diffusiond.errors import ModelLoadError, SettingsError
 from diffusiond.jobs.registry import GenerationRegistry, TtlSweeper
+from diffusiond.jobs.store import MemoryStore, open_store
 from diffusiond.logs import configure_logging
 from diffusiond.settings import Settings
 
@@ -98,16 +100,24 @@ class Service:
 
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
-        self.registry = GenerationRegistry(ttl_ms=settings.result_ttl_ms)
+        store = open_store(settings.store)
+        self.persistent = not isinstance(store, MemoryStore)
+        self.registry = GenerationRegistry(
+            ttl_ms=settings.result_ttl_ms,
+            store=store,
+            max_result_bytes=settings.max_result_bytes,
+        )
         self.engine = Engine(
             self.registry,
             backend,
             max_concurrent=settings.max_concurrent,
+            max_queue=settings.max_queue,
             timeout_ms=settings.generation_timeout_ms,
         )
         self.sweeper = TtlSweeper(self.registry, settings.cleanup_interval_ms)
         self.load_failure: str | None = None
         self._uvicorn: uvicorn.Server | None = None
+        self._pending = self.registry.recover()
 
     def app(self) -> Starlette:
         config = ApiConfig(
@@ -130,7 +140,27 @@ class Service:
             yield
         finally:
             self.sweeper.stop()
-            await asyncio.to_thread(self.engine.shutdown)
+            await asyncio.to_thread(self.engine.shutdown, keep_pending=self.persistent)
+            self.registry.close()
+
+    def begin_shutdown(self, signal_number: int) -> None:
+        """The first SIGTERM/SIGINT: stop admitting, give running jobs the grace time, stop."""
+        grace = self.settings.grace_seconds
+        print(
+            f"diffusiond: {signal.Signals(signal_number).name}: shutting down; running "
+            f"generations get up to {grace} s to finish (a second signal exits at once)",
+            flush=True,
+        )
+
+        def drain() -> None:
+            try:
+                if not self.engine.drain(grace):
+                    log.warning("grace time of %d s over: running generations cancelled", grace)
+            finally:
+                if self._uvicorn is not None:
+                    self._uvicorn.should_exit = True
+
+        threading.Thread(target=drain, name="drain", daemon=True).start()
 
     def _load_model(self) -> None:
         try:
@@ -143,6 +173,8 @@ class Service:
             if self._uvicorn is not None:
                 self._uvicorn.should_exit = True
             return
+        self.engine.resume(self._pending)
+        self._pending = []
         print("diffusiond: ready", flush=True)
 
     def run(self) -> int:
@@ -156,13 +188,12 @@ class Service:
             log_config=None,  # configure_logging() already routed uvicorn's loggers
             lifespan="on",
         )
-        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn = _GracefulServer(config, self.begin_shutdown)
         sock = bind_listening_socket(self.settings.host, self.settings.port)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"diffusiond: listening on http://{shown}:{port}", flush=True)
-        # uvicorn re-raises SIGTERM/SIGINT to the handlers it found once it has shut down
-        # gracefully; with these no-op handlers a graceful stop ends in a clean exit 0.
+        # A signal that lands after uvicorn gave its handlers back must not raise either.
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop_signal, lambda *_: None)
         asyncio.run(self._uvicorn.serve(sockets=[sock]))
@@ -170,6 +201,23 @@ class Service:
             print(f"diffusiond: cannot start: {self.load_failure}", file=sys.stderr, flush=True)
             return 1
         return 0
+
+
+class _GracefulServer(uvicorn.Server):
+    """uvicorn, but the first stop signal drains (see `Service.begin_shutdown`) and a
+    second one exits at once, with 128 + the signal's number."""
+
+    def __init__(self, config: uvicorn.Config, on_first_signal: Callable[[int], None]) -> None:
+        super().__init__(config)
+        self._on_first_signal = on_first_signal
+        self._signalled = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._signalled:
+            print("diffusiond: second signal: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + sig)
+        self._signalled = True
+        self._on_first_signal(sig)
 
 
 def refuse_unprotected_exposure(settings: Settings) -> None:

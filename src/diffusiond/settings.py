@@ -49,6 +49,10 @@ class Settings:
     max_pixels: int = 1024 * 1024
     generation_timeout_ms: int = 0  # 0: no limit
     http_niceness: int = 10
+    store: str = "memory"
+    max_queue: int = 0
+    max_result_bytes: int = 512 * 1024 * 1024
+    grace_seconds: int = 30
 
 
 Parser = Callable[[str], object]
@@ -105,6 +109,15 @@ def _api_key(raw: str) -> str:
     if len(key) < 16 or not key.isprintable() or " " in key:
         raise ValueError("must be at least 16 visible characters with no spaces")
     return key
+
+
+def _store(raw: str) -> str:
+    value = raw.strip()
+    if value == "memory":
+        return value
+    if value.startswith("sqlite:") and value.removeprefix("sqlite:").strip():
+        return "sqlite:" + value.removeprefix("sqlite:").strip()
+    raise ValueError(f"must be 'memory' or 'sqlite:PATH', got {raw!r}")
 
 
 def _origins(raw: str) -> tuple[str, ...]:
@@ -257,6 +270,34 @@ OPTIONS: tuple[Option, ...] = (
         "IMAGE_GENERATION_TIMEOUT_MS",
         _integer(0),
         "end a job running longer than this as TIMEOUT_ERROR (default 0: off)",
+    ),
+    Option(
+        "store",
+        "--store",
+        "IMAGE_STORE",
+        _store,
+        "where jobs are kept: memory (default; lost on restart) or sqlite:PATH",
+    ),
+    Option(
+        "max_queue",
+        "--max-queue",
+        "IMAGE_MAX_QUEUE",
+        _integer(0, 100_000),
+        "jobs that may wait for a worker (default 0: a busy server answers 503)",
+    ),
+    Option(
+        "max_result_bytes",
+        "--max-result-bytes",
+        "IMAGE_MAX_RESULT_BYTES",
+        _integer(0),
+        "PNG bytes of results kept before the oldest are evicted (default 536870912; 0: no cap)",
+    ),
+    Option(
+        "grace_seconds",
+        "--grace-seconds",
+        "DIFFUSIOND_GRACE_SECONDS",
+        _integer(0, 86_400),
+        "on SIGTERM/SIGINT, how long running generations may finish (default 30)",
     ),
 )
 

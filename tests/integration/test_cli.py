@@ -85,6 +85,13 @@ def test_status_list_and_cancel(server: ServerProcess, client: httpx.Client) -> 
 
     listed = cli("list", "--json", "--server", server.url)
     assert job_id in [entry["id"] for entry in json.loads(listed.stdout)]
+    newest_complete = cli(
+        "list", "--json", "--status", "complete", "--limit", "1", "--server", server.url
+    )
+    assert [entry["id"] for entry in json.loads(newest_complete.stdout)] == [job_id]
+    bad_filter = cli("list", "--status", "finished", "--server", server.url)
+    assert bad_filter.returncode == 2  # a usage error, as for any INVALID_REQUEST
+    assert "status must be one or more of" in bad_filter.stderr
     table = cli("list", "--server", server.url)
     assert job_id in table.stdout
     assert "status" in table.stdout

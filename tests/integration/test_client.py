@@ -88,6 +88,10 @@ def test_low_level_calls(sdk: Client, client: httpx.Client) -> None:
     assert [image.seed for image in done.images] == [5]
     assert sdk.get(started.id).status == "complete"
     assert started.id in [g.id for g in sdk.list()]
+    assert [g.id for g in sdk.list(status=["complete", "error"], limit=1)] == [started.id]
+    assert all(g.status == "pending" for g in sdk.list(status="pending"))
+    with pytest.raises(InvalidRequestError, match="limit"):
+        sdk.list(limit=0)
     health = sdk.health()
     assert health.status == "ok"
     assert health.poll_interval_ms == 500

@@ -232,3 +232,80 @@ def test_shutdown_cancels_what_runs(registry: GenerationRegistry, backend: FakeB
     engine.shutdown()
     assert time.monotonic() - started < 10
     assert registry.get(job.id).status is JobStatus.CANCELLED
+
+
+@pytest.fixture
+def queued_engine(registry: GenerationRegistry, backend: FakeBackend) -> Iterator[Engine]:
+    engine = Engine(registry, backend, max_concurrent=1, max_queue=2, encode=lambda i: b"png")
+    engine.start()
+    engine.load_model()
+    yield engine
+    backend.hold.set()
+    engine.shutdown()
+
+
+def test_a_bounded_queue_admits_in_order_with_positions(
+    queued_engine: Engine, backend: FakeBackend, registry: GenerationRegistry
+) -> None:
+    watcher = Watcher(registry)
+    backend.holding = True
+    running = queued_engine.submit(REQUEST)
+    assert backend.at_step_one.wait(10)
+    first = queued_engine.submit(GenerationRequest(prompt="a", seed=21, steps=1))
+    second = queued_engine.submit(GenerationRequest(prompt="b", seed=22, steps=1))
+    with pytest.raises(ServerBusy, match="queue place"):
+        queued_engine.submit(REQUEST)
+    assert queued_engine.queue_position(running.id) is None
+    assert [queued_engine.queue_position(job.id) for job in (first, second)] == [1, 2]
+    queued_engine.cancel(first.id)
+    assert queued_engine.queue_position(second.id) == 1
+    third = queued_engine.submit(GenerationRequest(prompt="c", seed=23, steps=1))
+    assert queued_engine.queue_position(third.id) == 2
+    backend.holding = False
+    backend.hold.set()
+    assert watcher.wait_terminal(third.id).status is JobStatus.COMPLETE
+    assert [spec.seed for spec in backend.drawn] == [1, 22, 23]  # arrival order, no "a"
+
+
+def test_drain_waits_for_the_running_job_and_keeps_the_queue(
+    queued_engine: Engine, backend: FakeBackend, registry: GenerationRegistry
+) -> None:
+    backend.holding = True
+    running = queued_engine.submit(REQUEST)
+    assert backend.at_step_one.wait(10)
+    waiting = queued_engine.submit(GenerationRequest(prompt="later", seed=5, steps=1))
+    finisher = threading.Timer(0.2, backend.hold.set)  # the job ends well within the grace
+    finisher.start()
+    assert queued_engine.drain(grace_s=30) is True
+    assert registry.get(running.id).status is JobStatus.COMPLETE
+    with pytest.raises(ServerBusy, match="shutting down"):
+        queued_engine.submit(REQUEST)
+    queued_engine.shutdown(keep_pending=True)
+    assert registry.get(waiting.id).status is JobStatus.PENDING  # for a restart to run
+    assert 5 not in [spec.seed for spec in backend.drawn]
+
+
+def test_drain_past_the_grace_cancels(
+    queued_engine: Engine, backend: FakeBackend, registry: GenerationRegistry
+) -> None:
+    backend.holding = True
+    running = queued_engine.submit(REQUEST)
+    assert backend.at_step_one.wait(10)
+    waiting = queued_engine.submit(REQUEST)
+    threading.Timer(0.3, backend.hold.set).start()  # the step ends after the grace
+    assert queued_engine.drain(grace_s=0.05) is False
+    assert registry.get(running.id).status is JobStatus.CANCELLED
+    assert queued_engine.stats().running == 0
+    queued_engine.shutdown()  # a memory store: what waited is cancelled, not left open
+    assert registry.get(waiting.id).status is JobStatus.CANCELLED
+
+
+def test_resumed_jobs_run_first(
+    queued_engine: Engine, backend: FakeBackend, registry: GenerationRegistry
+) -> None:
+    watcher = Watcher(registry)
+    earlier = [registry.create(GenerationRequest(prompt="old", seed=s, steps=1)) for s in (7, 8)]
+    queued_engine.resume(earlier)
+    new = queued_engine.submit(GenerationRequest(prompt="new", seed=9, steps=1))
+    assert watcher.wait_terminal(new.id).status is JobStatus.COMPLETE
+    assert [spec.seed for spec in backend.drawn] == [7, 8, 9]

@@ -305,3 +305,81 @@ def test_each_transition_logs_one_structured_line(
     assert [r.status for r in lines] == ["pending", "in_progress", "error"]  # type: ignore[attr-defined]
     assert [r.durationMs for r in lines] == [0, 7, 30]  # type: ignore[attr-defined]
     assert lines[-1].errorCode == "BACKEND_ERROR"  # type: ignore[attr-defined]
+
+
+def png_result(size: int) -> Result:
+    return Result(images=(GeneratedImage(b"x" * size, 1, 64, 64),), time_taken_ms=1)
+
+
+def test_list_filters_by_status_and_limits(registry: GenerationRegistry) -> None:
+    jobs = [registry.create(REQUEST) for _ in range(5)]
+    registry.start(jobs[1].id)
+    registry.cancel(jobs[2].id)
+    registry.start(jobs[3].id)
+    registry.complete(jobs[3].id, RESULT)
+    newest_first = [job.id for job in reversed(jobs)]
+    assert [job.id for job in registry.list()] == newest_first
+    assert [job.id for job in registry.list(limit=2)] == newest_first[:2]
+    assert [job.id for job in registry.list({JobStatus.PENDING})] == [jobs[4].id, jobs[0].id]
+    finished = {JobStatus.COMPLETE, JobStatus.CANCELLED}
+    assert [job.id for job in registry.list(finished)] == [jobs[3].id, jobs[2].id]
+    assert [job.id for job in registry.list(finished, limit=1)] == [jobs[3].id]
+    assert registry.list({JobStatus.ERROR}) == []
+
+
+def test_results_over_the_byte_budget_evict_the_earliest_completed(clock: FakeClock) -> None:
+    registry = GenerationRegistry(ttl_ms=300_000, clock=clock, max_result_bytes=250)
+    jobs = [registry.create(REQUEST) for _ in range(4)]
+    failed = registry.create(REQUEST)
+    registry.fail(failed.id, ERROR)
+    # Completed out of creation order: eviction follows completion order.
+    for job_id, size in ((jobs[1].id, 100), (jobs[0].id, 100), (jobs[3].id, 40)):
+        registry.start(job_id)
+        clock.now += 1
+        registry.complete(job_id, png_result(size))
+    assert registry.result_bytes() == 240
+    registry.start(jobs[2].id)
+    registry.complete(jobs[2].id, png_result(100))  # 340 > 250: jobs[1] goes first
+    assert registry.result_bytes() == 240
+    with pytest.raises(NotFound):
+        registry.get(jobs[1].id)
+    kept = {job.id for job in registry.list()}
+    assert kept == {jobs[0].id, jobs[2].id, jobs[3].id, failed.id}  # failed holds no bytes
+
+
+def test_the_newest_result_is_kept_even_alone_over_the_budget(clock: FakeClock) -> None:
+    registry = GenerationRegistry(ttl_ms=300_000, clock=clock, max_result_bytes=50)
+    first, second = registry.create(REQUEST), registry.create(REQUEST)
+    for job in (first, second):
+        registry.start(job.id)
+        registry.complete(job.id, png_result(80))
+    assert [job.id for job in registry.list()] == [second.id]
+    assert registry.result_bytes() == 80
+
+
+def test_expiry_and_delete_release_result_bytes(
+    registry: GenerationRegistry, clock: FakeClock
+) -> None:
+    first, second = registry.create(REQUEST), registry.create(REQUEST)
+    for job in (first, second):
+        registry.start(job.id)
+        registry.complete(job.id, png_result(10))
+    assert registry.result_bytes() == 20
+    registry.delete(first.id)
+    assert registry.result_bytes() == 10
+    clock.now += 300_000
+    assert registry.cleanup() == 1
+    assert registry.result_bytes() == 0
+
+
+def test_recover_ends_running_jobs_and_returns_pending(registry: GenerationRegistry) -> None:
+    running, waiting, done = (registry.create(REQUEST) for _ in range(3))
+    registry.start(running.id)
+    registry.start(done.id)
+    registry.complete(done.id, RESULT)
+    assert [job.id for job in registry.recover()] == [waiting.id]
+    ended = registry.get(running.id)
+    assert ended.status is JobStatus.ERROR
+    assert ended.error is not None
+    assert ended.error.code is ErrorCode.SERVER_RESTARTED
+    assert registry.get(done.id).status is JobStatus.COMPLETE

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from diffusiond.api.schemas import job_body, parse_generation_request
+from diffusiond.api.schemas import job_body, parse_generation_request, parse_list_query
 from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import (
     SAMPLERS,
@@ -171,3 +171,31 @@ def test_job_body_shapes() -> None:
         "format": "png",
         "timeTaken": 5823,
     }
+
+
+def test_list_query() -> None:
+    assert parse_list_query([], []) == (None, None)
+    statuses, limit = parse_list_query(["pending,in_progress", "error"], ["20"])
+    assert statuses == frozenset({JobStatus.PENDING, JobStatus.IN_PROGRESS, JobStatus.ERROR})
+    assert limit == 20
+
+
+@pytest.mark.parametrize(
+    ("statuses", "limits", "field"),
+    [
+        (["done"], [], "status"),
+        (["pending,"], [], "status"),
+        ([], ["0"], "limit"),
+        ([], ["-1"], "limit"),
+        ([], ["ten"], "limit"),
+        ([], ["10001"], "limit"),
+        ([], ["1", "2"], "limit"),
+    ],
+)
+def test_list_query_rules_name_the_field(
+    statuses: list[str], limits: list[str], field: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_list_query(statuses, limits)
+    assert caught.value.field == field
+    assert field in caught.value.message

@@ -66,6 +66,11 @@ def test_flags_win_over_environment() -> None:
         ("IMAGE_POLL_INTERVAL_MS", "fast"),
         ("DIFFUSIOND_DEVICE", "tpu"),
         ("DIFFUSIOND_TORCH_THREADS", "0"),
+        ("IMAGE_STORE", "redis://x"),
+        ("IMAGE_STORE", "sqlite:"),
+        ("IMAGE_MAX_QUEUE", "-1"),
+        ("IMAGE_MAX_RESULT_BYTES", "1GB"),
+        ("DIFFUSIOND_GRACE_SECONDS", "-5"),
     ],
 )
 def test_malformed_values_name_the_variable(variable: str, value: str) -> None:
@@ -76,6 +81,18 @@ def test_malformed_values_name_the_variable(variable: str, value: str) -> None:
 def test_malformed_flags_name_the_flag() -> None:
     with pytest.raises(SettingsError, match="--port"):
         load_settings({}, {"port": "70000"})
+
+
+def test_durability_settings() -> None:
+    defaults = load_settings({}, {})
+    assert (defaults.store, defaults.max_queue, defaults.grace_seconds) == ("memory", 0, 30)
+    assert defaults.max_result_bytes == 512 * 1024 * 1024
+    settings = load_settings(
+        {"IMAGE_STORE": "sqlite: /var/jobs.db ", "IMAGE_MAX_QUEUE": "3"},
+        {"max_result_bytes": "0", "grace_seconds": "5"},
+    )
+    assert (settings.store, settings.max_queue) == ("sqlite:/var/jobs.db", 3)
+    assert (settings.max_result_bytes, settings.grace_seconds) == (0, 5)
 
 
 def test_device_forms() -> None:

@@ -23,12 +23,13 @@ from diffusiond.api.schemas import (
     dump,
     job_body,
     parse_generation_request,
+    parse_list_query,
     summary_body,
 )
 from diffusiond.api.security import BearerKeyMiddleware
 from diffusiond.engine.engine import Engine
 from diffusiond.errors import DiffusiondError, PayloadTooLarge, ServerNotReady
-from diffusiond.jobs.models import Job
+from diffusiond.jobs.models import Job, JobStatus
 from diffusiond.jobs.registry import GenerationRegistry
 
 MAX_BODY_BYTES = 64 * 1024
@@ -53,9 +54,9 @@ class _TerminalBodyCache:
         self._size = size
         self._bodies: OrderedDict[str, bytes] = OrderedDict()
 
-    def render(self, job: Job) -> bytes:
+    def render(self, job: Job, queue_position: int | None = None) -> bytes:
         if not job.status.is_terminal():
-            return dump(job_body(job))
+            return dump(job_body(job, queue_position))
         body = self._bodies.get(job.id)
         if body is None:
             body = dump(job_body(job))
@@ -98,14 +99,16 @@ class _Endpoints:
     async def generations(self, request: Request) -> Response:
         if request.method == "POST":
             return await self.create(request)
-        return self.list()
+        return self.list(request)
 
     async def generation(self, request: Request) -> Response:
         job_id = request.path_params["id"]
         if request.method == "DELETE":
             job = self._engine.cancel(job_id)
             return _json(dump({"id": job.id, "status": job.status.value}))
-        return _json(self._cache.render(self._registry.get(job_id)))
+        job = self._registry.get(job_id)
+        position = self._engine.queue_position(job_id) if job.status is JobStatus.PENDING else None
+        return _json(self._cache.render(job, position))
 
     async def create(self, request: Request) -> Response:
         body = await _read_body(request)
@@ -116,8 +119,10 @@ class _Endpoints:
         created = {"id": job.id, "status": job.status.value, "createdAt": job.created_at}
         return _json(dump(created), 201, {"Location": f"/v1/images/generations/{job.id}"})
 
-    def list(self) -> Response:
-        jobs = self._registry.list()
+    def list(self, request: Request) -> Response:
+        query = request.query_params
+        statuses, limit = parse_list_query(query.getlist("status"), query.getlist("limit"))
+        jobs = self._registry.list(statuses, limit)
         return _json(dump({"generations": [summary_body(job) for job in jobs]}))
 
     async def openapi(self, _request: Request) -> Response:
@@ -147,6 +152,8 @@ class _Endpoints:
                     "activeGenerations": stats.running,
                     "queueDepth": max(0, stats.admitted - stats.running),
                     "maxConcurrent": stats.max_concurrent,
+                    "maxQueue": engine.max_queue,
+                    "draining": engine.draining,
                     "maxBatch": self._config.max_batch,
                     "backend": info.name,
                     "model": info.model,

@@ -94,6 +94,11 @@ def _schemas(max_batch: int) -> dict[str, Any]:
         "Generation": {
             "allOf": [_ref("Summary")],
             "properties": {
+                "queuePosition": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "while pending in a bounded queue: 1 runs next",
+                },
                 "progress": _ref("Progress"),
                 "result": {
                     "type": "object",
@@ -168,6 +173,20 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
             },
             "get": {
                 "operationId": "listGenerations",
+                "parameters": [
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "description": "only jobs in these statuses, comma-separated",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "description": "at most this many jobs",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+                    },
+                ],
                 "responses": {
                     "200": _json(
                         {
@@ -179,6 +198,7 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
                         },
                         "newest first, without results",
                     ),
+                    "400": _error("a bad status or limit"),
                     **unauthorized,
                 },
             },

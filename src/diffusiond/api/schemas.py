@@ -160,6 +160,41 @@ def parse_generation_request(
     return request
 
 
+MAX_LIST_LIMIT = 10_000
+
+
+def parse_list_query(
+    statuses: list[str], limits: list[str]
+) -> tuple[frozenset[JobStatus] | None, int | None]:
+    """`?status=a,b` (or repeated) and `?limit=N` of the list endpoint, checked."""
+    wanted: set[JobStatus] = set()
+    for raw in statuses:
+        for name in raw.split(","):
+            try:
+                wanted.add(JobStatus(name.strip()))
+            except ValueError:
+                choices = ", ".join(status.value for status in JobStatus)
+                raise InvalidRequest(
+                    f"status must be one or more of {choices} (comma-separated), "
+                    f"got {_show(name.strip())}",
+                    field="status",
+                    rule=f"one or more of: {choices}",
+                ) from None
+    limit = None
+    if limits:
+        if len(limits) > 1:
+            raise InvalidRequest("limit may be given once", field="limit", rule="given once")
+        text = limits[0].strip()
+        if not text.isdigit() or not 1 <= int(text) <= MAX_LIST_LIMIT:
+            raise InvalidRequest(
+                f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got {_show(limits[0])}",
+                field="limit",
+                rule=f"integer 1..{MAX_LIST_LIMIT}",
+            )
+        limit = int(text)
+    return (frozenset(wanted) if wanted else None), limit
+
+
 def _check_pixel_budget(request: GenerationRequest, max_pixels: int) -> None:
     pixels = request.width * request.height
     if pixels > max_pixels:
@@ -215,8 +250,10 @@ def summary_body(job: Job) -> dict[str, object]:
     }
 
 
-def job_body(job: Job) -> dict[str, object]:
+def job_body(job: Job, queue_position: int | None = None) -> dict[str, object]:
     body = summary_body(job)
+    if queue_position is not None and job.status is JobStatus.PENDING:
+        body["queuePosition"] = queue_position
     if job.status is JobStatus.IN_PROGRESS and job.progress is not None:
         body["progress"] = progress_body(job.progress)
     if job.result is not None:

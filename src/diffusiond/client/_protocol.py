@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,16 @@ class GenerationParams:
         if self.negative_prompt is not None:
             body["negativePrompt"] = self.negative_prompt
         return body
+
+
+def list_params(status: str | Iterable[str] | None, limit: int | None) -> dict[str, str]:
+    """The list endpoint's query: `status` one name or several, `limit` a count."""
+    params: dict[str, str] = {}
+    if status is not None:
+        params["status"] = status if isinstance(status, str) else ",".join(status)
+    if limit is not None:
+        params["limit"] = str(limit)
+    return params
 
 
 def connection_error(url: str, exc: Exception) -> errors.ConnectionError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
@@ -101,8 +102,11 @@ class AsyncClient:
         body = await self._call("DELETE", f"{proto.GENERATIONS}/{generation_id}")
         return Generation.from_wire({"createdAt": 0, **body})
 
-    async def list(self) -> list[Generation]:
-        body = await self._call("GET", proto.GENERATIONS)
+    async def list(
+        self, *, status: str | Iterable[str] | None = None, limit: int | None = None
+    ) -> list[Generation]:
+        """Generations newest first; only those in `status` (one or several), at most `limit`."""
+        body = await self._call("GET", proto.GENERATIONS, params=proto.list_params(status, limit))
         return [Generation.from_wire(entry) for entry in body["generations"]]
 
     async def health(self) -> Health:

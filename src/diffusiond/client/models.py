@@ -83,6 +83,7 @@ class Generation:
     time_taken_ms: int | None = None
     error_code: str | None = None
     error_message: str | None = None
+    queue_position: int | None = None  # while pending in a bounded queue: 1 runs next
 
     @property
     def is_terminal(self) -> bool:
@@ -103,6 +104,7 @@ class Generation:
             time_taken_ms=result.get("timeTaken"),
             error_code=error.get("code"),
             error_message=error.get("message"),
+            queue_position=body.get("queuePosition"),
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
@@ -105,8 +106,11 @@ class Client:
         body = self._call("DELETE", f"{proto.GENERATIONS}/{generation_id}")
         return Generation.from_wire({"createdAt": 0, **body})
 
-    def list(self) -> list[Generation]:
-        body = self._call("GET", proto.GENERATIONS)
+    def list(
+        self, *, status: str | Iterable[str] | None = None, limit: int | None = None
+    ) -> list[Generation]:
+        """Generations newest first; only those in `status` (one or several), at most `limit`."""
+        body = self._call("GET", proto.GENERATIONS, params=proto.list_params(status, limit))
         return [Generation.from_wire(entry) for entry in body["generations"]]
 
     def health(self) -> Health:

@@ -22,6 +22,7 @@ from diffusiond.jobs.models import (
     GenerationRequest,
     Job,
     JobError,
+    JobStatus,
     Progress,
     Result,
 )
@@ -55,9 +56,10 @@ class _Admitted:
 class Engine:
     """Runs generations on `max_concurrent` worker threads outside the event loop.
 
-    A job is admitted only while fewer than `max_concurrent` admitted jobs are unfinished;
-    otherwise `submit` raises `ServerBusy`. Cancelling frees the job's slot at once; the
-    worker stops the generation at its next diffusion step.
+    A job is admitted only while fewer than `max_concurrent + max_queue` admitted jobs are
+    unfinished; otherwise `submit` raises `ServerBusy`. Admitted jobs run in arrival order.
+    Cancelling frees the job's slot at once; the worker stops the generation at its next
+    diffusion step.
     """
 
     def __init__(
@@ -66,17 +68,21 @@ class Engine:
         backend: Backend,
         *,
         max_concurrent: int,
+        max_queue: int = 0,
         timeout_ms: int = 0,
         encode: Callable[[Image], bytes] = encode_png,
     ) -> None:
         self._registry = registry
         self._backend = backend
         self._max_concurrent = max_concurrent
+        self._max_queue = max_queue
         self._timeout_ms = timeout_ms
         self._encode = encode
         self._lock = threading.Lock()
-        self._admitted: dict[str, _Admitted] = {}
+        self._changed = threading.Condition(self._lock)  # notified whenever a job stops
+        self._admitted: dict[str, _Admitted] = {}  # in arrival order
         self._running = 0
+        self._draining = False
         self._queue: queue.SimpleQueue[tuple[str, GenerationRequest] | object] = queue.SimpleQueue()
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -103,13 +109,48 @@ class Engine:
         self._ready.set()
         log.info("model ready in %.1f s: %s", time.monotonic() - started, self._backend.info())
 
-    def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Cancel what runs, stop the workers, and wait for them up to `timeout_s`."""
+    def resume(self, pending: list[Job]) -> None:
+        """Queue jobs accepted before a restart, ahead of new ones, in their old order."""
+        with self._lock:
+            for job in pending:
+                self._admitted[job.id] = _Admitted()
+                self._queue.put((job.id, job.request))
+        if pending:
+            log.info("resumed %d pending job(s) from the store", len(pending))
+
+    def drain(self, grace_s: float) -> bool:
+        """Stop admitting and starting jobs; wait up to `grace_s` for running ones to end.
+
+        Jobs still running after the grace time are cancelled (and waited for, which takes
+        at most a diffusion step). Queued jobs stay pending. True if nothing was cancelled.
+        """
+        with self._lock:
+            self._draining = True
+            finished = self._changed.wait_for(lambda: self._running == 0, timeout=grace_s)
+            if not finished:
+                for job_id, admitted in list(self._admitted.items()):
+                    if admitted.started_at is not None:
+                        admitted.cancelled.set()
+                        self._end_quietly(job_id, self._registry.cancel)
+                self._changed.wait_for(lambda: self._running == 0, timeout=60)
+        return finished
+
+    def shutdown(self, timeout_s: float = 10.0, *, keep_pending: bool = False) -> None:
+        """Cancel what runs, stop the workers, and wait for them up to `timeout_s`.
+
+        With `keep_pending` (a persistent store), jobs that have not started stay pending,
+        to run after a restart; otherwise they are cancelled too.
+        """
         self._stopping.set()
         with self._lock:
+            self._draining = True
             for job_id, admitted in self._admitted.items():
                 admitted.cancelled.set()
-                self._end_quietly(job_id, self._registry.cancel)
+                if admitted.started_at is not None:
+                    self._end_quietly(job_id, self._registry.cancel)
+            if not keep_pending:
+                for job in self._registry.list({JobStatus.PENDING}):
+                    self._end_quietly(job.id, self._registry.cancel)
         with self._lock:
             workers = list(self._workers)
         for _ in workers:
@@ -132,17 +173,42 @@ class Engine:
     def info(self) -> BackendInfo:
         return self._backend.info()
 
+    @property
+    def max_queue(self) -> int:
+        return self._max_queue
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def stats(self) -> EngineStats:
         with self._lock:
             return EngineStats(self._running, len(self._admitted), self._max_concurrent)
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 for the job that starts next, 2 after it...; None unless it waits its turn."""
+        with self._lock:
+            position = 0
+            for waiting_id, admitted in self._admitted.items():
+                if admitted.started_at is None:
+                    position += 1
+                    if waiting_id == job_id:
+                        return position
+        return None
 
     def submit(self, request: GenerationRequest) -> Job:
         if not self._ready.is_set():
             raise ServerNotReady(self._not_ready_message())
         with self._lock:
-            if len(self._admitted) >= self._max_concurrent:
+            if self._draining:
                 raise ServerBusy(
-                    f"all {self._max_concurrent} generation worker(s) are busy",
+                    "the server is shutting down and takes no new generations",
+                    retry_after_s=self._retry_after_s(),
+                )
+            if len(self._admitted) >= self._max_concurrent + self._max_queue:
+                room = f" and {self._max_queue} queue place(s) are" if self._max_queue else " is"
+                raise ServerBusy(
+                    f"all {self._max_concurrent} generation worker(s){room} taken",
                     retry_after_s=self._retry_after_s(),
                 )
             job = self._registry.create(request)
@@ -186,6 +252,7 @@ class Engine:
         finally:
             with self._lock:
                 self._admitted.pop(job_id, None)
+                self._changed.notify_all()
             trim_heap()
         return True
 
@@ -205,6 +272,9 @@ class Engine:
             admitted = self._admitted.get(job_id)
             if admitted is None or admitted.cancelled.is_set():
                 return  # cancelled while it waited
+            if self._draining:
+                self._admitted.pop(job_id)  # stays pending: a persistent store runs it later
+                return
             try:
                 self._registry.start(job_id)
             except (AlreadyTerminal, NotFound):
@@ -216,6 +286,7 @@ class Engine:
         finally:
             with self._lock:
                 self._running -= 1
+                self._changed.notify_all()
 
     def _generate(self, job_id: str, request: GenerationRequest, admitted: _Admitted) -> None:
         started = time.monotonic()

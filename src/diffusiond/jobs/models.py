@@ -52,6 +52,7 @@ class ErrorCode(str, Enum):
     IO_ERROR = "IO_ERROR"
     TIMEOUT_ERROR = "TIMEOUT_ERROR"
     UNKNOWN_ERROR = "UNKNOWN_ERROR"
+    SERVER_RESTARTED = "SERVER_RESTARTED"
 
 
 SAMPLERS: tuple[str, ...] = (
