@@ -30,6 +30,7 @@ from diffusiond.client import (
     Generation,
     GenerationCancelledError,
     Progress,
+    png_parameters,
 )
 
 EXIT_FAILED = 1
@@ -49,14 +50,20 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def add_client_commands(commands: Any) -> None:
     generate = commands.add_parser("generate", help="generate images and save them as PNGs")
-    generate.add_argument("prompt")
+    generate.add_argument("prompt", nargs="?", help="what to draw (or take it from --from-png)")
     generate.add_argument("-n", "--count", type=int, default=1, help="images (1-5; default 1)")
     generate.add_argument("--seed", type=int, default=None, help="seed of the first image")
-    generate.add_argument("--steps", type=int, default=20)
-    generate.add_argument("--size", type=parse_size, default=(512, 512), help="WxH (512x512)")
-    generate.add_argument("--cfg", type=float, default=7.5, help="guidance scale (7.5)")
-    generate.add_argument("--sampler", default="euler_a")
+    generate.add_argument("--steps", type=int, help="diffusion steps (20)")
+    generate.add_argument("--size", type=parse_size, help="WxH (512x512)")
+    generate.add_argument("--cfg", type=float, help="guidance scale (7.5)")
+    generate.add_argument("--sampler", help="sampler (euler_a)")
     generate.add_argument("--negative", default=None, help="negative prompt")
+    generate.add_argument(
+        "--from-png",
+        type=Path,
+        metavar="FILE",
+        help="make a diffusiond PNG again: its prompt, seed and settings (flags given win)",
+    )
     generate.add_argument("-o", "--output", type=Path, default=Path("."), help="folder (.)")
     generate.add_argument(
         "--local",
@@ -104,6 +111,9 @@ def run_client_command(args: argparse.Namespace) -> int:
     }
     try:
         return handlers[args.command](args)
+    except UsageError as exc:
+        _say(f"diffusiond: {exc}")
+        return EXIT_USAGE
     except ConnectionError as exc:
         _say(f"diffusiond: {exc.message}")
         return EXIT_USAGE
@@ -147,10 +157,34 @@ def progress_bar() -> Iterator[Callable[[Progress], None]]:
         yield update
 
 
+_DEFAULTS: dict[str, Any] = {
+    "prompt": None,
+    "negative_prompt": None,
+    "width": 512,
+    "height": 512,
+    "steps": 20,
+    "cfg_scale": 7.5,
+    "seed": None,
+    "sampler": "euler_a",
+}
+
+
+class UsageError(Exception):
+    """A command line that cannot run; the message says why."""
+
+
 def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
-    """The request the generate flags describe, as the client's keyword arguments."""
-    width, height = args.size
-    return {
+    """The request the generate flags (and --from-png) describe, as the client's keyword
+    arguments, prompt included. Flags given on the command line win over the PNG's recipe."""
+    params = dict(_DEFAULTS)
+    if args.from_png is not None:
+        try:
+            params |= png_parameters(args.from_png)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--from-png {args.from_png}: {exc}") from None
+    width, height = args.size if args.size is not None else (None, None)
+    given = {
+        "prompt": args.prompt,
         "negative_prompt": args.negative,
         "width": width,
         "height": height,
@@ -158,13 +192,17 @@ def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
         "cfg_scale": args.cfg,
         "seed": args.seed,
         "sampler": args.sampler,
-        "count": args.count,
     }
+    params |= {name: value for name, value in given.items() if value is not None}
+    if not params["prompt"]:
+        raise UsageError("a prompt is needed (or --from-png FILE)")
+    params["count"] = args.count
+    return params
 
 
 def _generate(args: argparse.Namespace) -> int:
     with Client(args.server, api_key=args.api_key) as client:
-        generation = client.start(args.prompt, **_generation_params(args))
+        generation = client.start(**_generation_params(args))
         try:
             with progress_bar() as update:
                 done = client.wait(generation.id, on_progress=update)
@@ -187,9 +225,7 @@ def _generate_local(args: argparse.Namespace) -> int:
 
     try:
         with progress_bar() as update:
-            job_id, images = generate_locally(
-                prompt=args.prompt, on_progress=update, **_generation_params(args)
-            )
+            job_id, images = generate_locally(on_progress=update, **_generation_params(args))
     except KeyboardInterrupt:
         _say("diffusiond: interrupted")
         return EXIT_INTERRUPTED

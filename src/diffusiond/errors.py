@@ -39,6 +39,10 @@ class AlreadyTerminal(DiffusiondError):
     """A state change asked of a job that is already complete, failed or cancelled."""
 
 
+class IdempotencyConflict(DiffusiondError):
+    """An Idempotency-Key already used for a different request body."""
+
+
 class ServerBusy(DiffusiondError):
     """Every worker is busy and there is no room to wait."""
 

@@ -6,12 +6,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import PurePath
 
 import orjson
 
 from diffusiond.api.schemas import parse_generation_request
 from diffusiond.client.models import GeneratedImage, Progress
-from diffusiond.engine.batch import run_batch
+from diffusiond.engine.batch import image_recipe, run_batch
 from diffusiond.imaging import encode_png
 from diffusiond.jobs import models
 from diffusiond.settings import load_settings
@@ -66,8 +67,14 @@ def generate_locally(
             )
         )
 
-    images = run_batch(
-        backend, request, report=report, should_cancel=threading.Event().is_set, encode=encode_png
+    model = PurePath(backend.info().model).name
+    images, _timings = run_batch(
+        backend,
+        request,
+        report=report,
+        should_cancel=threading.Event().is_set,
+        encode=encode_png,
+        recipe=lambda spec: image_recipe(spec, model),
     )
     run_id = f"local_{time.time_ns() // 1_000_000}"
     return run_id, [GeneratedImage(i.png, i.seed, i.width, i.height) for i in images]

@@ -19,6 +19,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from diffusiond.api.app import ApiConfig, create_app
+from diffusiond.api.live import JobEvents
 from diffusiond.backends.base import Backend
 from diffusiond.engine.engine import Engine
 from diffusiond.errors import ModelLoadError, SettingsError
@@ -115,6 +116,7 @@ class Service:
             timeout_ms=settings.generation_timeout_ms,
         )
         self.sweeper = TtlSweeper(self.registry, settings.cleanup_interval_ms)
+        self.events = JobEvents()
         self.load_failure: str | None = None
         self._uvicorn: uvicorn.Server | None = None
         self._pending = self.registry.recover()
@@ -126,8 +128,11 @@ class Service:
             max_pixels=self.settings.max_pixels,
             api_key=self.settings.api_key,
             cors_origins=self.settings.cors_origins,
+            heartbeat_s=self.settings.sse_heartbeat_ms / 1000,
         )
-        return create_app(self.registry, self.engine, config, lifespan=self._lifespan)
+        return create_app(
+            self.registry, self.engine, config, lifespan=self._lifespan, events=self.events
+        )
 
     @asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -157,6 +162,7 @@ class Service:
                 if not self.engine.drain(grace):
                     log.warning("grace time of %d s over: running generations cancelled", grace)
             finally:
+                self.events.close()  # end the event streams, or uvicorn would wait on them
                 if self._uvicorn is not None:
                     self._uvicorn.should_exit = True
 
@@ -187,6 +193,7 @@ class Service:
             access_log=self.settings.log_level == "debug",
             log_config=None,  # configure_logging() already routed uvicorn's loggers
             lifespan="on",
+            timeout_graceful_shutdown=5,  # for connections still open once the jobs are done
         )
         self._uvicorn = _GracefulServer(config, self.begin_shutdown)
         sock = bind_listening_socket(self.settings.host, self.settings.port)

@@ -53,6 +53,7 @@ class Settings:
     max_queue: int = 0
     max_result_bytes: int = 512 * 1024 * 1024
     grace_seconds: int = 30
+    sse_heartbeat_ms: int = 15_000
 
 
 Parser = Callable[[str], object]
@@ -298,6 +299,13 @@ OPTIONS: tuple[Option, ...] = (
         "DIFFUSIOND_GRACE_SECONDS",
         _integer(0, 86_400),
         "on SIGTERM/SIGINT, how long running generations may finish (default 30)",
+    ),
+    Option(
+        "sse_heartbeat_ms",
+        "--sse-heartbeat-ms",
+        "DIFFUSIOND_SSE_HEARTBEAT_MS",
+        _integer(10, 3_600_000),
+        "a comment line on idle event streams every this many ms (default 15000)",
     ),
 )
 

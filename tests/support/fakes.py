@@ -13,6 +13,7 @@ from diffusiond.backends.base import (
     CancelCheck,
     GenerationCancelled,
     ImageSpec,
+    PreviewCallback,
     StageCallback,
 )
 from diffusiond.jobs.models import Stage
@@ -46,7 +47,11 @@ class FakeBackend:
         return BackendInfo(name="fake", model="fake", device="cpu", dtype="float32")
 
     def generate(
-        self, spec: ImageSpec, on_stage: StageCallback, should_cancel: CancelCheck
+        self,
+        spec: ImageSpec,
+        on_stage: StageCallback,
+        should_cancel: CancelCheck,
+        on_preview: PreviewCallback | None = None,
     ) -> Image:
         on_stage(Stage.LOADING, 0, 1)
         on_stage(Stage.LOADING, 1, 1)
@@ -55,6 +60,8 @@ class FakeBackend:
             if spec.seed == self.fail_on_seed:
                 raise self.error
             on_stage(Stage.DIFFUSION, step, spec.steps)
+            if on_preview is not None and spec.preview_every and step % spec.preview_every == 0:
+                on_preview(step, PILImage.new("RGB", (8, 4), (step % 256, 0, 0)))
             time.sleep(self.step_seconds)  # the simulated work of one step
             if step == 1 and self.holding:
                 self.at_step_one.set()

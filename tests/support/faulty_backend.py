@@ -20,7 +20,13 @@ import torch
 from PIL import Image as PILImage
 from PIL.Image import Image
 
-from diffusiond.backends.base import BackendInfo, CancelCheck, ImageSpec, StageCallback
+from diffusiond.backends.base import (
+    BackendInfo,
+    CancelCheck,
+    ImageSpec,
+    PreviewCallback,
+    StageCallback,
+)
 from diffusiond.backends.diffusers_backend import DiffusersBackend
 from diffusiond.jobs.models import Stage
 from diffusiond.settings import Settings
@@ -47,14 +53,18 @@ class FaultyBackend:
         return self._real.info()
 
     def generate(
-        self, spec: ImageSpec, on_stage: StageCallback, should_cancel: CancelCheck
+        self,
+        spec: ImageSpec,
+        on_stage: StageCallback,
+        should_cancel: CancelCheck,
+        on_preview: PreviewCallback | None = None,
     ) -> Image:
         if f"[blank-seed={spec.seed}]" in spec.prompt:
-            drawn = self._real.generate(spec, on_stage, should_cancel)
+            drawn = self._real.generate(spec, on_stage, should_cancel, on_preview)
             return PILImage.new("RGB", drawn.size)
         fault = _fault_for(spec)
         if fault is None:
-            return self._real.generate(spec, on_stage, should_cancel)
+            return self._real.generate(spec, on_stage, should_cancel, on_preview)
 
         # Raised from inside the real pipeline, after its first diffusion step.
         def on_stage_then_fail(stage: Stage, step: int, total: int) -> None:

@@ -18,7 +18,7 @@ from diffusiond.jobs.models import ErrorCode, GenerationRequest, Progress, Stage
 from tests.support.fakes import FakeBackend
 
 
-def encode(image: object) -> bytes:
+def encode(image: object, _text: object) -> bytes:
     return repr(image).encode()
 
 
@@ -57,7 +57,7 @@ def run(
     cancel: bool = False,
 ) -> tuple[list[Progress], tuple[object, ...]]:
     reports: list[Progress] = []
-    images = run_batch(
+    images, _timings = run_batch(
         backend, request, report=reports.append, should_cancel=lambda: cancel, encode=encode
     )
     return reports, images

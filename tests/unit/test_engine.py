@@ -55,7 +55,7 @@ def registry() -> GenerationRegistry:
 
 @pytest.fixture
 def engine(registry: GenerationRegistry, backend: FakeBackend) -> Iterator[Engine]:
-    engine = Engine(registry, backend, max_concurrent=1, encode=lambda image: b"png")
+    engine = Engine(registry, backend, max_concurrent=1, encode=lambda image, text: b"png")
     engine.start()
     engine.load_model()
     yield engine
@@ -142,7 +142,7 @@ def test_a_backend_failure_ends_the_job_and_the_worker_goes_on(
     registry: GenerationRegistry,
 ) -> None:
     backend = FakeBackend(fail_on_seed=11)
-    engine = Engine(registry, backend, max_concurrent=1, encode=lambda image: b"png")
+    engine = Engine(registry, backend, max_concurrent=1, encode=lambda image, text: b"png")
     engine.start()
     engine.load_model()
     watcher = Watcher(registry)
@@ -165,7 +165,7 @@ def test_a_worker_thread_that_dies_ends_its_job_and_is_replaced(
 ) -> None:
     deaths = [SystemExit("a worker thread's death")]
 
-    def broken_encoder(_image: object) -> bytes:
+    def broken_encoder(_image: object, _text: object) -> bytes:
         if deaths:
             raise deaths.pop()
         return b"png"
@@ -189,7 +189,7 @@ def test_a_worker_thread_that_dies_ends_its_job_and_is_replaced(
 
 def test_a_job_past_the_time_limit_ends_as_timeout(registry: GenerationRegistry) -> None:
     backend = FakeBackend(step_seconds=0.01)
-    engine = Engine(registry, backend, max_concurrent=1, timeout_ms=50, encode=lambda i: b"png")
+    engine = Engine(registry, backend, max_concurrent=1, timeout_ms=50, encode=lambda i, t: b"png")
     engine.start()
     engine.load_model()
     watcher = Watcher(registry)
@@ -221,7 +221,7 @@ def test_a_failed_load_is_remembered(registry: GenerationRegistry) -> None:
 
 
 def test_shutdown_cancels_what_runs(registry: GenerationRegistry, backend: FakeBackend) -> None:
-    engine = Engine(registry, backend, max_concurrent=1, encode=lambda image: b"png")
+    engine = Engine(registry, backend, max_concurrent=1, encode=lambda image, text: b"png")
     engine.start()
     engine.load_model()
     backend.holding = True
@@ -236,7 +236,7 @@ def test_shutdown_cancels_what_runs(registry: GenerationRegistry, backend: FakeB
 
 @pytest.fixture
 def queued_engine(registry: GenerationRegistry, backend: FakeBackend) -> Iterator[Engine]:
-    engine = Engine(registry, backend, max_concurrent=1, max_queue=2, encode=lambda i: b"png")
+    engine = Engine(registry, backend, max_concurrent=1, max_queue=2, encode=lambda i, t: b"png")
     engine.start()
     engine.load_model()
     yield engine
@@ -309,3 +309,13 @@ def test_resumed_jobs_run_first(
     new = queued_engine.submit(GenerationRequest(prompt="new", seed=9, steps=1))
     assert watcher.wait_terminal(new.id).status is JobStatus.COMPLETE
     assert [spec.seed for spec in backend.drawn] == [7, 8, 9]
+
+
+def test_eta_uses_this_jobs_pace_then_the_history(engine: Engine) -> None:
+    assert engine._eta_ms(0.0, 0.0, 1000) is None  # nothing to go by yet
+    assert engine._eta_ms(50.0, 2000.0, 1000) == 2000  # half done in 2 s: 2 s left
+    engine._learn_pace(4000, 1000)  # 4 ms per unit of work
+    assert engine._eta_ms(0.0, 0.0, 1000) == 4000
+    # Early on the history weighs most; from 25 % the job's own pace alone.
+    assert engine._eta_ms(10.0, 100.0, 1000) == round(0.4 * 900 + 0.6 * 3600)
+    assert engine._eta_ms(50.0, 2000.0, 1000) == 2000

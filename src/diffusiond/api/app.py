@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -12,11 +14,12 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from diffusiond import __version__
 from diffusiond.api import errors
+from diffusiond.api.live import IdempotencyKeys, JobEvents, check_idempotency_key
 from diffusiond.api.openapi import openapi_document
 from diffusiond.api.schemas import (
     DEFAULT_MAX_PIXELS,
@@ -28,7 +31,7 @@ from diffusiond.api.schemas import (
 )
 from diffusiond.api.security import BearerKeyMiddleware
 from diffusiond.engine.engine import Engine
-from diffusiond.errors import DiffusiondError, PayloadTooLarge, ServerNotReady
+from diffusiond.errors import DiffusiondError, NotFound, PayloadTooLarge, ServerNotReady
 from diffusiond.jobs.models import Job, JobStatus
 from diffusiond.jobs.registry import GenerationRegistry
 
@@ -38,6 +41,9 @@ _CACHED_BODIES = 16
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 
 
+MAX_WAIT_S = 60  # the longest `Prefer: wait=N` honoured
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     max_batch: int
@@ -45,6 +51,7 @@ class ApiConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
+    heartbeat_s: float = 15.0  # a comment line on idle event streams
 
 
 class _TerminalBodyCache:
@@ -87,13 +94,37 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def _wait_preference(request: Request) -> int | None:
+    """N of `Prefer: wait=N` (RFC 7240), at most MAX_WAIT_S; None when absent or malformed
+    (a preference a server cannot read is one it may ignore)."""
+    for header in request.headers.getlist("prefer"):
+        for preference in header.split(","):
+            name, _, value = preference.strip().partition("=")
+            if name.strip().lower() == "wait" and value.strip().isdigit():
+                return min(int(value.strip()), MAX_WAIT_S)
+    return None
+
+
+def _event(event_id: int, name: str, data: bytes) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name.encode(), data)
+
+
+def _last_event_id(request: Request) -> int | None:
+    raw = request.headers.get("last-event-id", "").strip()
+    return int(raw) if raw.isdigit() else None
+
+
 class _Endpoints:
-    def __init__(self, registry: GenerationRegistry, engine: Engine, config: ApiConfig) -> None:
+    def __init__(
+        self, registry: GenerationRegistry, engine: Engine, config: ApiConfig, events: JobEvents
+    ) -> None:
         self._registry = registry
         self._engine = engine
         self._config = config
+        self._events = events
         self._cache = _TerminalBodyCache(_CACHED_BODIES)
         self._openapi: bytes | None = None
+        self._keys = IdempotencyKeys(registry.exists)
 
     # One route per path, so a wrong method's 405 lists every method the path allows.
     async def generations(self, request: Request) -> Response:
@@ -106,18 +137,119 @@ class _Endpoints:
         if request.method == "DELETE":
             job = self._engine.cancel(job_id)
             return _json(dump({"id": job.id, "status": job.status.value}))
-        job = self._registry.get(job_id)
-        position = self._engine.queue_position(job_id) if job.status is JobStatus.PENDING else None
-        return _json(self._cache.render(job, position))
+        return _json(self._render(self._registry.get(job_id)))
+
+    def _render(self, job: Job) -> bytes:
+        position = self._engine.queue_position(job.id) if job.status is JobStatus.PENDING else None
+        return self._cache.render(job, position)
 
     async def create(self, request: Request) -> Response:
         body = await _read_body(request)
         parsed = parse_generation_request(
             body, max_batch=self._config.max_batch, max_pixels=self._config.max_pixels
         )
+        raw_key = request.headers.get("idempotency-key")
+        key = check_idempotency_key(raw_key) if raw_key is not None else None
+        wait_s = _wait_preference(request)
+        headers: dict[str, str] = {}
+        if wait_s is not None:
+            headers["Preference-Applied"] = f"wait={wait_s}"
+        replayed = self._keys.replay(key, parsed) if key is not None else None
+        if replayed is not None:
+            job = self._registry.get(replayed)
+            headers |= {
+                "Location": f"/v1/images/generations/{job.id}",
+                "Idempotent-Replayed": "true",
+            }
+            if wait_s:
+                job = await self._wait_terminal(job, wait_s)
+            return _json(self._render(job), 200, headers)
         job = self._engine.submit(parsed)
+        if key is not None:
+            self._keys.remember(key, parsed, job.id)
+        headers["Location"] = f"/v1/images/generations/{job.id}"
+        if wait_s:
+            job = await self._wait_terminal(job, wait_s)
+            if job.status.is_terminal():
+                return _json(self._render(job), 200, headers)
         created = {"id": job.id, "status": job.status.value, "createdAt": job.created_at}
-        return _json(dump(created), 201, {"Location": f"/v1/images/generations/{job.id}"})
+        return _json(dump(created), 201, headers)
+
+    async def _wait_terminal(self, job: Job, wait_s: float) -> Job:
+        """The job once terminal, or as it is after `wait_s` seconds; woken by changes."""
+        deadline = asyncio.get_running_loop().time() + wait_s
+        with self._events.subscribe(job.id) as changed:
+            while True:
+                changed.clear()
+                job = self._registry.get(job.id)
+                left = deadline - asyncio.get_running_loop().time()
+                if job.status.is_terminal() or left <= 0 or self._events.closed:
+                    return job
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), left)
+
+    async def events(self, request: Request) -> Response:
+        job_id = request.path_params["id"]
+        self._registry.get(job_id)  # an unknown id is a 404 before any stream starts
+        stream = self._stream(job_id, _last_event_id(request))
+        return StreamingResponse(
+            stream,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _stream(self, job_id: str, last_id: int | None) -> AsyncIterator[bytes]:
+        """`progress` events while the job moves, then its final event, then the end.
+
+        Each event carries the body a GET would return and the job's version as its id; a
+        client resuming with Last-Event-ID gets only newer states, and always the final one.
+        """
+        sent: tuple[int, int | None] | None = None
+        with self._events.subscribe(job_id) as changed:
+            while not self._events.closed:
+                changed.clear()
+                try:
+                    job = self._registry.get(job_id)
+                except NotFound:
+                    return  # evicted or expired while followed: nothing more to say
+                if job.status.is_terminal():
+                    yield _event(job.version, job.status.value, self._render(job))
+                    return
+                position = self._engine.queue_position(job_id)
+                resumed = last_id is not None and sent is None and job.version <= last_id
+                if not resumed and sent != (job.version, position):
+                    yield _event(job.version, "progress", self._render(job))
+                    sent = (job.version, position)
+                elif resumed:
+                    sent = (job.version, position)
+                try:
+                    await asyncio.wait_for(changed.wait(), self._config.heartbeat_s)
+                except TimeoutError:
+                    yield b": heartbeat\n\n"
+
+    async def image(self, request: Request) -> Response:
+        job_id = request.path_params["id"]
+        raw_index = request.path_params["index"]
+        job = self._registry.get(job_id)
+        if job.result is None:
+            raise NotFound(
+                f"generation {job_id} is {job.status.value}: its images exist only once it is "
+                "complete"
+            )
+        count = len(job.result.images)
+        if not raw_index.isdigit() or int(raw_index) >= count:
+            raise NotFound(f"generation {job_id} has images 0 to {count - 1}, not {raw_index!r}")
+        index = int(raw_index)
+        image = job.result.images[index]
+        name = f"{job_id}-{index}-seed{image.seed}.png"
+        return Response(
+            image.png,
+            media_type="image/png",
+            headers={
+                "Content-Disposition": f'inline; filename="{name}"',
+                "Cache-Control": "private, max-age=31536000, immutable",
+            },
+        )
 
     def list(self, request: Request) -> Response:
         query = request.query_params
@@ -170,12 +302,17 @@ def create_app(
     engine: Engine,
     config: ApiConfig,
     lifespan: Lifespan | None = None,
+    events: JobEvents | None = None,
 ) -> Starlette:
     """The HTTP API of ../shared/API.md over a registry and an engine."""
-    endpoints = _Endpoints(registry, engine, config)
+    events = events if events is not None else JobEvents()
+    registry.add_listener(events.on_change)
+    endpoints = _Endpoints(registry, engine, config, events)
     routes = [
         Route("/v1/images/generations", endpoints.generations, methods=["GET", "POST"]),
         Route("/v1/images/generations/{id}", endpoints.generation, methods=["GET", "DELETE"]),
+        Route("/v1/images/generations/{id}/events", endpoints.events, methods=["GET"]),
+        Route("/v1/images/generations/{id}/images/{index}", endpoints.image, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
     ]
@@ -186,8 +323,19 @@ def create_app(
                 CORSMiddleware,
                 allow_origins=list(config.cors_origins),
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["Authorization", "Content-Type"],
-                expose_headers=["Location", "Retry-After"],
+                allow_headers=[
+                    "Authorization",
+                    "Content-Type",
+                    "Idempotency-Key",
+                    "Prefer",
+                    "Last-Event-ID",
+                ],
+                expose_headers=[
+                    "Location",
+                    "Retry-After",
+                    "Idempotent-Replayed",
+                    "Preference-Applied",
+                ],
                 max_age=600,
             )
         )

@@ -13,6 +13,7 @@ from diffusiond.api.schemas import dump
 from diffusiond.errors import (
     AlreadyTerminal,
     DiffusiondError,
+    IdempotencyConflict,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
@@ -27,6 +28,11 @@ _DOMAIN_ERRORS: dict[type[DiffusiondError], tuple[int, str, str | None]] = {
     InvalidRequest: (400, "INVALID_REQUEST", None),
     NotFound: (404, "NOT_FOUND", "The id is unknown, or the result expired after its TTL."),
     AlreadyTerminal: (409, "ALREADY_TERMINAL", None),
+    IdempotencyConflict: (
+        409,
+        "IDEMPOTENCY_CONFLICT",
+        "Use a new Idempotency-Key for a different request, or resend the same body.",
+    ),
     PayloadTooLarge: (413, "PAYLOAD_TOO_LARGE", None),
     ServerBusy: (
         503,

@@ -10,7 +10,15 @@ from typing import Any
 import orjson
 
 from diffusiond.errors import InvalidRequest
-from diffusiond.jobs.models import SAMPLERS, GenerationRequest, Job, JobStatus, Progress, Result
+from diffusiond.jobs.models import (
+    SAMPLERS,
+    GenerationRequest,
+    Job,
+    JobStatus,
+    Progress,
+    Result,
+    StageTimings,
+)
 
 MAX_TEXT_CHARS = 10_000
 MAX_SEED = 2**32 - 1
@@ -104,6 +112,21 @@ def _sampler(value: object) -> str:
     return value
 
 
+def _preview_every(preview: object, every: object) -> int:
+    """`preview: true` is a preview every step; `previewEvery: N` one every N steps."""
+    if preview is not None and not isinstance(preview, bool):
+        rule = "true or false"
+        raise InvalidRequest(
+            f"preview must be {rule}, got {_show(preview)}", field="preview", rule=rule
+        )
+    steps = _int_in_range("previewEvery", 1, 150)(every) if every is not None else None
+    if preview is False:
+        return 0
+    if steps is not None:
+        return steps
+    return 1 if preview else 0
+
+
 def _show(value: object) -> str:
     if value is None:
         return "null"
@@ -155,6 +178,7 @@ def parse_generation_request(
         raw = data.get(wire_name)
         if raw is not None:  # null means "use the default"
             values[name] = check(raw)
+    values["preview_every"] = _preview_every(data.get("preview"), data.get("previewEvery"))
     request = GenerationRequest(**values)
     _check_pixel_budget(request, max_pixels)
     return request
@@ -215,7 +239,7 @@ def dump(payload: object) -> bytes:
 
 
 def progress_body(progress: Progress) -> dict[str, object]:
-    return {
+    body: dict[str, object] = {
         "currentStep": progress.current_step,
         "totalSteps": progress.total_steps,
         "stage": progress.stage.value,
@@ -223,6 +247,18 @@ def progress_body(progress: Progress) -> dict[str, object]:
         "currentImage": progress.current_image,
         "totalImages": progress.total_images,
     }
+    if progress.eta_ms is not None:
+        body["etaMs"] = progress.eta_ms
+    if progress.preview is not None:
+        preview = progress.preview
+        body["preview"] = {
+            "image": base64.b64encode(preview.jpeg).decode("ascii"),
+            "format": "jpeg",
+            "width": preview.width,
+            "height": preview.height,
+            "step": preview.step,
+        }
+    return body
 
 
 def result_body(result: Result) -> dict[str, object]:
@@ -238,6 +274,16 @@ def result_body(result: Result) -> dict[str, object]:
         ],
         "format": result.format,
         "timeTaken": result.time_taken_ms,
+        **({"timings": timings_body(result.timings)} if result.timings is not None else {}),
+    }
+
+
+def timings_body(timings: StageTimings) -> dict[str, int]:
+    return {
+        "loadingMs": timings.loading_ms,
+        "diffusionMs": timings.diffusion_ms,
+        "decodingMs": timings.decoding_ms,
+        "encodingMs": timings.encoding_ms,
     }
 
 

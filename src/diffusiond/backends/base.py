@@ -24,11 +24,14 @@ class ImageSpec:
     cfg_scale: float
     seed: int
     sampler: str
+    preview_every: int = 0  # call `on_preview` every this many diffusion steps; 0: never
 
 
 # stage, current step within the stage, total steps of the stage
 StageCallback = Callable[[Stage, int, int], None]
 CancelCheck = Callable[[], bool]
+# the diffusion step just done, a small picture of the current latents (<= 128 px)
+PreviewCallback = Callable[[int, "Image"], None]
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,9 @@ class Backend(Protocol):
 
     `load()` runs once, before any `generate()`. `generate()` reports each stage through
     `on_stage`, calls `should_cancel()` at least once per diffusion step and raises
-    `GenerationCancelled` when it answers True, and returns an RGB image.
+    `GenerationCancelled` when it answers True, and returns an RGB image. When
+    `spec.preview_every` is set, it calls `on_preview(step, picture)` after every that many
+    diffusion steps with a small picture of the work in progress.
     """
 
     def load(self) -> None: ...
@@ -62,5 +67,9 @@ class Backend(Protocol):
     def info(self) -> BackendInfo: ...
 
     def generate(
-        self, spec: ImageSpec, on_stage: StageCallback, should_cancel: CancelCheck
+        self,
+        spec: ImageSpec,
+        on_stage: StageCallback,
+        should_cancel: CancelCheck,
+        on_preview: PreviewCallback | None = None,
     ) -> Image: ...

@@ -19,9 +19,11 @@ from diffusiond.backends.base import (
     DeviceOutOfMemory,
     GenerationCancelled,
     ImageSpec,
+    PreviewCallback,
     StageCallback,
 )
 from diffusiond.backends.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
+from diffusiond.backends.previews import latents_to_preview
 from diffusiond.backends.samplers import make_scheduler
 from diffusiond.errors import ModelLoadError
 from diffusiond.jobs.models import Stage
@@ -124,10 +126,14 @@ class DiffusersBackend:
         return wanted
 
     def generate(
-        self, spec: ImageSpec, on_stage: StageCallback, should_cancel: CancelCheck
+        self,
+        spec: ImageSpec,
+        on_stage: StageCallback,
+        should_cancel: CancelCheck,
+        on_preview: PreviewCallback | None = None,
     ) -> Image:
         try:
-            return self._generate(spec, on_stage, should_cancel)
+            return self._generate(spec, on_stage, should_cancel, on_preview)
         except GenerationCancelled:
             raise
         except Exception as exc:
@@ -136,7 +142,11 @@ class DiffusersBackend:
             raise
 
     def _generate(
-        self, spec: ImageSpec, on_stage: StageCallback, should_cancel: CancelCheck
+        self,
+        spec: ImageSpec,
+        on_stage: StageCallback,
+        should_cancel: CancelCheck,
+        on_preview: PreviewCallback | None,
     ) -> Image:
         if self._pipeline is None:
             raise RuntimeError("the model is not loaded")
@@ -154,7 +164,12 @@ class DiffusersBackend:
                 raise GenerationCancelled
             on_stage(Stage.LOADING, 1, 1)
             latents = self._diffuse(
-                pipeline, spec, (prompt_embeds, negative_embeds), on_stage, should_cancel
+                pipeline,
+                spec,
+                (prompt_embeds, negative_embeds),
+                on_stage,
+                should_cancel,
+                on_preview=on_preview,
             )
             if should_cancel():
                 raise GenerationCancelled
@@ -172,17 +187,23 @@ class DiffusersBackend:
         embeds: tuple[Any, Any],
         on_stage: StageCallback,
         should_cancel: CancelCheck,
+        *,
+        on_preview: PreviewCallback | None,
     ) -> Any:
+        last_preview = 0
+
         def after_step(pipe: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> Any:
+            nonlocal last_preview
             # Second-order samplers run more timesteps than the user's steps: map back.
             timesteps = max(len(pipe.scheduler.timesteps), 1)
-            on_stage(
-                Stage.DIFFUSION,
-                min(spec.steps, math.ceil((index + 1) * spec.steps / timesteps)),
-                spec.steps,
-            )
+            step = min(spec.steps, math.ceil((index + 1) * spec.steps / timesteps))
+            on_stage(Stage.DIFFUSION, step, spec.steps)
             if should_cancel():
                 raise GenerationCancelled
+            every = spec.preview_every
+            if on_preview is not None and every and step - last_preview >= every:
+                last_preview = step
+                on_preview(step, latents_to_preview(tensors["latents"]))
             return tensors
 
         on_stage(Stage.DIFFUSION, 0, spec.steps)

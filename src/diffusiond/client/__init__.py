@@ -17,6 +17,7 @@ from diffusiond.client.errors import (
     UnauthorizedError,
 )
 from diffusiond.client.models import GeneratedImage, Generation, Health, Progress
+from diffusiond.client.png import png_parameters
 from diffusiond.client.sync import Client
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "ServerError",
     "ServerNotReadyError",
     "UnauthorizedError",
+    "png_parameters",
 ]

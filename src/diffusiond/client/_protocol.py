@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -52,6 +53,7 @@ class GenerationParams:
     seed: int | None = None
     sampler: str = "euler_a"
     count: int = 1
+    preview_every: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -66,7 +68,38 @@ class GenerationParams:
         }
         if self.negative_prompt is not None:
             body["negativePrompt"] = self.negative_prompt
+        if self.preview_every is not None:
+            body["previewEvery"] = self.preview_every
         return body
+
+
+class EventReader:
+    """Server-sent events from lines: feed each line, get a snapshot per `data` event."""
+
+    def __init__(self) -> None:
+        self.last_id: str | None = None
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> Generation | None:
+        if line == "":  # the end of one event
+            data, self._data = self._data, []
+            return Generation.from_wire(json.loads("\n".join(data))) if data else None
+        if line.startswith(":"):
+            return None  # a comment: the heartbeat
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "id":
+            self.last_id = value
+        return None
+
+
+def events_headers(last_event_id: str | None) -> dict[str, str]:
+    headers = {"Accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    return headers
 
 
 def list_params(status: str | Iterable[str] | None, limit: int | None) -> dict[str, str]:

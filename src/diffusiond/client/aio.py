@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -111,6 +111,37 @@ class AsyncClient:
 
     async def health(self) -> Health:
         return Health.from_wire(await self._call("GET", "/health"))
+
+    async def image_png(self, generation_id: str, index: int = 0) -> bytes:
+        """The PNG bytes of image `index` (0-based) of a complete generation."""
+        path = f"{proto.GENERATIONS}/{generation_id}/images/{index}"
+        try:
+            response = await self._http.get(path)
+        except httpx.TransportError as exc:
+            raise proto.connection_error(self.url, exc) from None
+        if response.status_code != 200:
+            proto.checked(response)
+        return response.content
+
+    async def events(
+        self, generation_id: str, *, last_event_id: str | None = None
+    ) -> AsyncIterator[Generation]:
+        """The generation's states as the server pushes them (server-sent events), ending
+        with its terminal state."""
+        path = f"{proto.GENERATIONS}/{generation_id}/events"
+        reader = proto.EventReader()
+        headers = proto.events_headers(last_event_id)
+        try:
+            async with self._http.stream("GET", path, headers=headers, timeout=None) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    proto.checked(response)
+                async for line in response.aiter_lines():
+                    generation = reader.feed(line)
+                    if generation is not None:
+                        yield generation
+        except httpx.TransportError as exc:
+            raise proto.connection_error(self.url, exc) from None
 
     async def wait(
         self,

@@ -24,9 +24,12 @@ class Progress:
     percentage: float
     current_image: int
     total_images: int
+    eta_ms: int | None = None
+    preview_jpeg: bytes | None = None  # a small picture of the work, when asked for
 
     @classmethod
     def from_wire(cls, body: dict[str, Any]) -> Progress:
+        preview = body.get("preview")
         return cls(
             stage=body["stage"],
             current_step=body["currentStep"],
@@ -34,6 +37,8 @@ class Progress:
             percentage=body["percentage"],
             current_image=body["currentImage"],
             total_images=body["totalImages"],
+            eta_ms=body.get("etaMs"),
+            preview_jpeg=base64.b64decode(preview["image"]) if preview else None,
         )
 
 
@@ -84,6 +89,7 @@ class Generation:
     error_code: str | None = None
     error_message: str | None = None
     queue_position: int | None = None  # while pending in a bounded queue: 1 runs next
+    timings: dict[str, int] | None = None  # ms per stage of a complete job
 
     @property
     def is_terminal(self) -> bool:
@@ -105,6 +111,7 @@ class Generation:
             error_code=error.get("code"),
             error_message=error.get("message"),
             queue_position=body.get("queuePosition"),
+            timings=result.get("timings"),
         )
 
 

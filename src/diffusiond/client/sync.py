@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -115,6 +115,37 @@ class Client:
 
     def health(self) -> Health:
         return Health.from_wire(self._call("GET", "/health"))
+
+    def image_png(self, generation_id: str, index: int = 0) -> bytes:
+        """The PNG bytes of image `index` (0-based) of a complete generation."""
+        path = f"{proto.GENERATIONS}/{generation_id}/images/{index}"
+        try:
+            response = self._http.get(path)
+        except httpx.TransportError as exc:
+            raise proto.connection_error(self.url, exc) from None
+        if response.status_code != 200:
+            proto.checked(response)
+        return response.content
+
+    def events(
+        self, generation_id: str, *, last_event_id: str | None = None
+    ) -> Iterator[Generation]:
+        """The generation's states as the server pushes them (server-sent events), ending
+        with its terminal state."""
+        path = f"{proto.GENERATIONS}/{generation_id}/events"
+        reader = proto.EventReader()
+        headers = proto.events_headers(last_event_id)
+        try:
+            with self._http.stream("GET", path, headers=headers, timeout=None) as response:
+                if response.status_code != 200:
+                    response.read()
+                    proto.checked(response)
+                for line in response.iter_lines():
+                    generation = reader.feed(line)
+                    if generation is not None:
+                        yield generation
+        except httpx.TransportError as exc:
+            raise proto.connection_error(self.url, exc) from None
 
     def wait(
         self,

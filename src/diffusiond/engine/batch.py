@@ -5,12 +5,15 @@ Pure logic over the backend protocol: no threads, no registry, no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 
 from PIL.Image import Image
 
+from diffusiond import __version__
 from diffusiond.backends.base import (
     Backend,
     CancelCheck,
@@ -18,13 +21,16 @@ from diffusiond.backends.base import (
     GenerationCancelled,
     ImageSpec,
 )
+from diffusiond.imaging import recipe_text
 from diffusiond.jobs.models import (
     ErrorCode,
     GeneratedImage,
     GenerationRequest,
     JobError,
+    Preview,
     Progress,
     Stage,
+    StageTimings,
 )
 
 SEED_MODULUS = 2**32
@@ -38,7 +44,9 @@ _STAGE_SPANS: dict[Stage, tuple[float, float]] = {
 }
 
 ProgressSink = Callable[[Progress], None]
-Encoder = Callable[[Image], bytes]
+Encoder = Callable[[Image, Mapping[str, str]], bytes]  # a picture and its text chunks
+PreviewEncoder = Callable[[Image], bytes]
+Recipe = Callable[[ImageSpec], Mapping[str, str]]  # the text chunks for one image
 
 
 def resolve_seeds(seed: int | None, count: int, rng: random.Random | None = None) -> list[int]:
@@ -112,6 +120,50 @@ def classify_error(exc: BaseException) -> ErrorCode:
     return ErrorCode.UNKNOWN_ERROR
 
 
+def image_recipe(spec: ImageSpec, model: str) -> dict[str, str]:
+    """The PNG text chunks that let one image be made again: its parameters and model."""
+    return recipe_text(
+        {
+            "prompt": spec.prompt,
+            "negativePrompt": spec.negative_prompt,
+            "width": spec.width,
+            "height": spec.height,
+            "steps": spec.steps,
+            "cfgScale": spec.cfg_scale,
+            "seed": spec.seed,
+            "sampler": spec.sampler,
+            "model": model,
+            "version": __version__,
+        }
+    )
+
+
+class _StageClock:
+    """Adds up the time spent in each stage, from the stage changes a backend reports."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._spent = dict.fromkeys(("loading", "diffusion", "decoding", "encoding"), 0.0)
+        self._stage: str | None = None
+        self._since = 0.0
+
+    def enter(self, stage: str) -> None:
+        if stage == self._stage:
+            return
+        now = self._clock()
+        if self._stage is not None:
+            self._spent[self._stage] += now - self._since
+        self._stage, self._since = stage, now
+
+    def stop(self) -> None:
+        self.enter("")  # closes the current stage; "" is never reported
+        self._stage = None
+
+    def timings(self) -> StageTimings:
+        ms = {name: round(seconds * 1000) for name, seconds in self._spent.items()}
+        return StageTimings(ms["loading"], ms["diffusion"], ms["decoding"], ms["encoding"])
+
+
 def run_batch(
     backend: Backend,
     request: GenerationRequest,
@@ -119,27 +171,40 @@ def run_batch(
     report: ProgressSink,
     should_cancel: CancelCheck,
     encode: Encoder,
+    recipe: Recipe = lambda _spec: {},
+    encode_preview: PreviewEncoder | None = None,
     rng: random.Random | None = None,
-) -> tuple[GeneratedImage, ...]:
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[tuple[GeneratedImage, ...], StageTimings]:
     """Draw `request.count` images one after another; all of them or an exception.
 
-    Raises `GenerationCancelled` when cancelled, `BatchFailed` when an image fails.
+    Returns the images and the time spent in each stage. Raises `GenerationCancelled` when
+    cancelled, `BatchFailed` when an image fails.
     """
     count = request.count
     images: list[GeneratedImage] = []
+    stages = _StageClock(clock)
+    last: list[Progress] = []  # the latest progress reported, for previews to extend
     for index, seed in enumerate(resolve_seeds(request.seed, count, rng)):
 
         def on_stage(stage: Stage, step: int, total: int, done: int = index) -> None:
-            report(
-                Progress(
-                    stage=stage,
-                    current_step=step,
-                    total_steps=total,
-                    percentage=overall_percentage(done, count, image_fraction(stage, step, total)),
-                    current_image=done + 1,
-                    total_images=count,
-                )
+            stages.enter(stage.value)
+            progress = Progress(
+                stage=stage,
+                current_step=step,
+                total_steps=total,
+                percentage=overall_percentage(done, count, image_fraction(stage, step, total)),
+                current_image=done + 1,
+                total_images=count,
             )
+            last[:] = [progress]
+            report(progress)
+
+        def on_preview(step: int, picture: Image) -> None:
+            if encode_preview is None or not last:
+                return
+            preview = Preview(encode_preview(picture), picture.width, picture.height, step)
+            report(dataclasses.replace(last[0], preview=preview))
 
         spec = ImageSpec(
             prompt=request.prompt,
@@ -150,13 +215,19 @@ def run_batch(
             cfg_scale=request.cfg_scale,
             seed=seed,
             sampler=request.sampler,
+            preview_every=request.preview_every,
         )
         try:
             if should_cancel():
                 raise GenerationCancelled
-            picture = backend.generate(spec, on_stage, should_cancel)
+            if request.preview_every and encode_preview is not None:
+                picture = backend.generate(spec, on_stage, should_cancel, on_preview)
+            else:
+                picture = backend.generate(spec, on_stage, should_cancel)
             _refuse_blank(picture)
-            png = encode(picture)
+            stages.enter("encoding")
+            png = encode(picture, recipe(spec))
+            stages.stop()
         except GenerationCancelled:
             raise
         except Exception as exc:
@@ -164,4 +235,4 @@ def run_batch(
         images.append(
             GeneratedImage(png=png, seed=seed, width=request.width, height=request.height)
         )
-    return tuple(images)
+    return tuple(images), stages.timings()

@@ -9,14 +9,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import PurePath
 
-from PIL.Image import Image
-
-from diffusiond.backends.base import Backend, BackendInfo, GenerationCancelled
-from diffusiond.engine.batch import BatchFailed, run_batch
+from diffusiond.backends.base import Backend, BackendInfo, GenerationCancelled, ImageSpec
+from diffusiond.engine.batch import BatchFailed, Encoder, image_recipe, run_batch
 from diffusiond.errors import AlreadyTerminal, NotFound, ServerBusy, ServerNotReady
-from diffusiond.imaging import encode_png
+from diffusiond.imaging import encode_png, encode_preview
 from diffusiond.jobs.models import (
     ErrorCode,
     GenerationRequest,
@@ -39,6 +38,10 @@ class EngineStats:
     running: int
     admitted: int
     max_concurrent: int
+
+
+def _work_units(request: GenerationRequest) -> int:
+    return max(1, request.width * request.height * request.steps * request.count)
 
 
 class GenerationTimedOut(TimeoutError):
@@ -70,7 +73,7 @@ class Engine:
         max_concurrent: int,
         max_queue: int = 0,
         timeout_ms: int = 0,
-        encode: Callable[[Image], bytes] = encode_png,
+        encode: Encoder = encode_png,
     ) -> None:
         self._registry = registry
         self._backend = backend
@@ -87,6 +90,8 @@ class Engine:
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._load_error: str | None = None
+        self._ms_per_unit: float | None = None  # the recent pace, for estimates
+        self._model_name = "?"
         self._workers = [
             threading.Thread(target=self._work, name=f"generation-worker-{n}", daemon=True)
             for n in range(max_concurrent)
@@ -106,6 +111,7 @@ class Engine:
         except BaseException as exc:
             self._load_error = str(exc) or type(exc).__name__
             raise
+        self._model_name = PurePath(self._backend.info().model).name
         self._ready.set()
         log.info("model ready in %.1f s: %s", time.monotonic() - started, self._backend.info())
 
@@ -290,10 +296,12 @@ class Engine:
 
     def _generate(self, job_id: str, request: GenerationRequest, admitted: _Admitted) -> None:
         started = time.monotonic()
+        work = _work_units(request)
 
         def report(progress: Progress) -> None:
+            eta = self._eta_ms(progress.percentage, (time.monotonic() - started) * 1000, work)
             try:
-                self._registry.report_progress(job_id, progress)
+                self._registry.report_progress(job_id, replace(progress, eta_ms=eta))
             except (AlreadyTerminal, NotFound):
                 admitted.cancelled.set()  # the job ended elsewhere: stop drawing it
 
@@ -307,12 +315,14 @@ class Engine:
             return False
 
         try:
-            images = run_batch(
+            images, timings = run_batch(
                 self._backend,
                 request,
                 report=report,
                 should_cancel=should_stop,
                 encode=self._encode,
+                recipe=self._recipe,
+                encode_preview=encode_preview,
             )
         except GenerationCancelled:
             log.debug("job %s stopped after %.2f s (cancelled)", job_id, time.monotonic() - started)
@@ -324,9 +334,35 @@ class Engine:
             self._end_quietly(job_id, lambda jid: self._registry.fail(jid, error))
             return
         elapsed_ms = round((time.monotonic() - started) * 1000)
-        self._end_quietly(
-            job_id, lambda jid: self._registry.complete(jid, Result(images, elapsed_ms))
-        )
+        self._learn_pace(elapsed_ms, work)
+        result = Result(images, elapsed_ms, timings=timings)
+        self._end_quietly(job_id, lambda jid: self._registry.complete(jid, result))
+
+    # -- estimates -----------------------------------------------------------------------
+
+    def _eta_ms(self, percentage: float, elapsed_ms: float, work: int) -> int | None:
+        """Time left: from this job's own pace, and from the pace of earlier jobs per unit of
+        work (pixels x steps x images) while this one has too little progress to go by."""
+        left = (100 - percentage) / 100
+        own = elapsed_ms * left / (percentage / 100) if percentage >= 1 else None
+        past = self._ms_per_unit * work * left if self._ms_per_unit is not None else None
+        if own is None:
+            estimate = past
+        elif past is None:
+            estimate = own
+        else:
+            trust = min(1.0, percentage / 25)  # this job's own pace, fully from 25 %
+            estimate = trust * own + (1 - trust) * past
+        return None if estimate is None else max(0, round(estimate))
+
+    def _learn_pace(self, elapsed_ms: int, work: int) -> None:
+        rate = elapsed_ms / work
+        with self._lock:
+            old = self._ms_per_unit
+            self._ms_per_unit = rate if old is None else 0.7 * old + 0.3 * rate
+
+    def _recipe(self, spec: ImageSpec) -> dict[str, str]:
+        return image_recipe(spec, self._model_name)
 
     # -- helpers -----------------------------------------------------------------------
 

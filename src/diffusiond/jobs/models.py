@@ -82,6 +82,17 @@ class GenerationRequest:
     seed: int | None = None
     sampler: str = "euler_a"
     count: int = 1
+    preview_every: int = 0  # diffusion steps between live previews; 0: no previews
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A small picture of the current latents (not a VAE decode), encoded as JPEG."""
+
+    jpeg: bytes
+    width: int
+    height: int
+    step: int
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,8 @@ class Progress:
     percentage: float
     current_image: int
     total_images: int
+    eta_ms: int | None = None
+    preview: Preview | None = None
 
 
 @dataclass(frozen=True)
@@ -107,10 +120,21 @@ class GeneratedImage:
 
 
 @dataclass(frozen=True)
+class StageTimings:
+    """Milliseconds spent in each stage, summed over a job's images."""
+
+    loading_ms: int = 0
+    diffusion_ms: int = 0
+    decoding_ms: int = 0
+    encoding_ms: int = 0
+
+
+@dataclass(frozen=True)
 class Result:
     images: tuple[GeneratedImage, ...]
     time_taken_ms: int
     format: str = "png"
+    timings: StageTimings | None = None
 
 
 @dataclass(frozen=True)
@@ -132,3 +156,4 @@ class Job:
     progress: Progress | None = None
     result: Result | None = None
     error: JobError | None = None
+    version: int = 0  # bumped by every change: the id of a server-sent event

@@ -60,11 +60,17 @@ class GenerationRegistry:
         self._new_id = id_factory
         self._max_result_bytes = max_result_bytes
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[Job, Job], None]] = []
         # Bytes of each complete job's images, in the order the jobs completed.
         self._result_bytes: OrderedDict[str, int] = OrderedDict()
         completed = [job for job in self._store.oldest_first() if job.result is not None]
         for job in sorted(completed, key=lambda job: job.updated_at):
             self._result_bytes[job.id] = _size(job)
+
+    def add_listener(self, listener: Callable[[Job, Job], None]) -> None:
+        """Call `listener(before, after)` on every change, in order, under the registry's
+        lock: it must be quick and must not call back into the registry."""
+        self._listeners.append(listener)
 
     def create(self, request: GenerationRequest) -> Job:
         with self._lock:
@@ -89,6 +95,10 @@ class GenerationRegistry:
         if job is None:
             raise NotFound(f"no generation with id {job_id!r} (unknown or expired)")
         return job
+
+    def exists(self, job_id: str) -> bool:
+        with self._lock:
+            return self._store.get(job_id) is not None
 
     def list(
         self, statuses: Collection[JobStatus] | None = None, limit: int | None = None
@@ -137,10 +147,19 @@ class GenerationRegistry:
 
     def report_progress(self, job_id: str, progress: Progress) -> Job:
         def keep_rising(job: Job) -> dict[str, Any]:
-            floor = job.progress.percentage if job.progress is not None else 0.0
-            if progress.percentage < floor:
-                return {"progress": dataclasses.replace(progress, percentage=floor)}
-            return {"progress": progress}
+            update = progress
+            previous = job.progress
+            if previous is not None:
+                if update.percentage < previous.percentage:
+                    update = dataclasses.replace(update, percentage=previous.percentage)
+                # The last preview of this image stays until a newer one replaces it.
+                if (
+                    update.preview is None
+                    and previous.preview is not None
+                    and previous.current_image == update.current_image
+                ):
+                    update = dataclasses.replace(update, preview=previous.preview)
+            return {"progress": update}
 
         return self._transition(job_id, JobStatus.IN_PROGRESS, keep_rising, durable=False)
 
@@ -230,11 +249,15 @@ class GenerationRegistry:
         now = max(self._clock(), job.updated_at)
         if job.status is JobStatus.PENDING and target is JobStatus.IN_PROGRESS:
             changes = {**changes, "started_at": now}
-        updated = dataclasses.replace(job, status=target, updated_at=now, **changes)
+        updated = dataclasses.replace(
+            job, status=target, updated_at=now, version=job.version + 1, **changes
+        )
         if durable or target is not job.status:
             self._store.put(updated)
         else:
             self._store.put_progress(updated)
+        for listener in self._listeners:
+            listener(job, updated)
         if target is not job.status:
             # Time in the state it left: waiting when it starts, running when it ends.
             since = job.started_at if job.started_at is not None else job.created_at

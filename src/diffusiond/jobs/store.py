@@ -9,6 +9,7 @@ a diffusion step never waits on a disk write.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -31,6 +32,7 @@ from diffusiond.jobs.models import (
     Progress,
     Result,
     Stage,
+    StageTimings,
 )
 
 log = logging.getLogger(__name__)
@@ -276,6 +278,7 @@ def _record(job: Job) -> dict[str, Any]:
         "createdAt": job.created_at,
         "updatedAt": job.updated_at,
         "startedAt": job.started_at,
+        "version": job.version,
         "request": {
             "prompt": request.prompt,
             "negativePrompt": request.negative_prompt,
@@ -286,6 +289,7 @@ def _record(job: Job) -> dict[str, Any]:
             "seed": request.seed,
             "sampler": request.sampler,
             "count": request.count,
+            "previewEvery": request.preview_every,
         },
     }
     if job.progress is not None:
@@ -306,6 +310,8 @@ def _record(job: Job) -> dict[str, Any]:
             "format": job.result.format,
             "images": [[image.seed, image.width, image.height] for image in job.result.images],
         }
+        if job.result.timings is not None:
+            record["result"]["timings"] = dataclasses.asdict(job.result.timings)
     return record
 
 
@@ -325,7 +331,9 @@ def _job(record: dict[str, Any], pngs: dict[str, dict[int, bytes]]) -> Job:
             GeneratedImage(stored[i], seed, width, height)
             for i, (seed, width, height) in enumerate(record["result"]["images"])
         )
-        result = Result(images, record["result"]["timeTaken"], record["result"]["format"])
+        stored_timings = record["result"].get("timings")
+        timings = StageTimings(**stored_timings) if stored_timings is not None else None
+        result = Result(images, record["result"]["timeTaken"], record["result"]["format"], timings)
     return Job(
         id=record["id"],
         request=GenerationRequest(
@@ -338,6 +346,7 @@ def _job(record: dict[str, Any], pngs: dict[str, dict[int, bytes]]) -> Job:
             seed=request["seed"],
             sampler=request["sampler"],
             count=request["count"],
+            preview_every=request.get("previewEvery", 0),
         ),
         status=JobStatus(record["status"]),
         created_at=record["createdAt"],
@@ -346,4 +355,5 @@ def _job(record: dict[str, Any], pngs: dict[str, dict[int, bytes]]) -> Job:
         progress=progress,
         result=result,
         error=error,
+        version=record.get("version", 0),
     )
