@@ -61,6 +61,8 @@ def test_the_served_document_is_the_fuzzed_one(fuzz_server: ServerProcess) -> No
         ("/v1/images/generations", "get"),
         ("/v1/images/generations/{id}", "get"),
         ("/v1/images/generations/{id}", "delete"),
+        ("/v1/images/generations/{id}/events", "get"),
+        ("/v1/images/generations/{id}/images/{index}", "get"),
         ("/health", "get"),
     }
 

@@ -41,6 +41,16 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                 "seed": {**nullable_int, "minimum": -1, "maximum": MAX_SEED},
                 "sampler": {"type": ["string", "null"], "enum": [*SAMPLERS, None]},
                 "count": {**nullable_int, "minimum": 1, "maximum": max_batch},
+                "preview": {
+                    "type": ["boolean", "null"],
+                    "description": "live previews in progress.preview, after every step",
+                },
+                "previewEvery": {
+                    **nullable_int,
+                    "minimum": 1,
+                    "maximum": 150,
+                    "description": "live previews every this many diffusion steps",
+                },
             },
         },
         "Created": {
@@ -79,6 +89,18 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                 "percentage": {"type": "number", "minimum": 0, "maximum": 100},
                 "currentImage": {"type": "integer", "minimum": 1},
                 "totalImages": {"type": "integer", "minimum": 1},
+                "etaMs": {"type": "integer", "minimum": 0},
+                "preview": {
+                    "type": "object",
+                    "required": ["image", "format", "width", "height", "step"],
+                    "properties": {
+                        "image": {"type": "string", "contentEncoding": "base64"},
+                        "format": {"const": "jpeg"},
+                        "width": {"type": "integer", "maximum": 128},
+                        "height": {"type": "integer", "maximum": 128},
+                        "step": {"type": "integer", "minimum": 1},
+                    },
+                },
             },
         },
         "Image": {
@@ -107,6 +129,18 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                         "images": {"type": "array", "items": _ref("Image")},
                         "format": {"const": "png"},
                         "timeTaken": {"type": "integer"},
+                        "timings": {
+                            "type": "object",
+                            "properties": {
+                                name: {"type": "integer", "minimum": 0}
+                                for name in (
+                                    "loadingMs",
+                                    "diffusionMs",
+                                    "decodingMs",
+                                    "encodingMs",
+                                )
+                            },
+                        },
                     },
                 },
                 "error": {
@@ -156,16 +190,34 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
         "/v1/images/generations": {
             "post": {
                 "operationId": "startGeneration",
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "description": "repeat a POST safely: the same key returns the same job",
+                        "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+                    },
+                    {
+                        "name": "Prefer",
+                        "in": "header",
+                        "description": "wait=N (N <= 60): answer once the job ends, or after N s",
+                        "schema": {"type": "string"},
+                    },
+                ],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("GenerationRequest")}},
                 },
                 "responses": {
+                    "200": _json(
+                        _ref("Generation"), "a replayed Idempotency-Key, or Prefer: wait met"
+                    ),
                     "201": {
                         **_json(_ref("Created"), "accepted; poll the Location"),
                         "headers": {"Location": {"schema": {"type": "string"}}},
                     },
                     "400": _error("a field breaks a rule"),
+                    "409": _error("the Idempotency-Key was used for a different body"),
                     "413": _error("the body is over 64 KiB"),
                     "503": _error("busy (with Retry-After) or the model is not ready"),
                     **unauthorized,
@@ -219,6 +271,37 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
                     "200": _json(_ref("Cancelled"), "cancelled (idempotent)"),
                     "404": _error("unknown or expired id"),
                     "409": _error("already complete or failed"),
+                    **unauthorized,
+                },
+            },
+        },
+        "/v1/images/generations/{id}/events": {
+            "parameters": [_ID_PARAM],
+            "get": {
+                "operationId": "generationEvents",
+                "responses": {
+                    "200": {
+                        "description": "server-sent events: progress..., then the final state",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "404": _error("unknown or expired id"),
+                    **unauthorized,
+                },
+            },
+        },
+        "/v1/images/generations/{id}/images/{index}": {
+            "parameters": [
+                _ID_PARAM,
+                {"name": "index", "in": "path", "required": True, "schema": {"type": "string"}},
+            ],
+            "get": {
+                "operationId": "generationImage",
+                "responses": {
+                    "200": {
+                        "description": "the PNG, with its recipe in a text chunk",
+                        "content": {"image/png": {"schema": {"type": "string"}}},
+                    },
+                    "404": _error("unknown id, not complete yet, or no such image"),
                     **unauthorized,
                 },
             },
