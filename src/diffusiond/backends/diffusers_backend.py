@@ -24,7 +24,11 @@ from diffusiond.backends.base import (
 from diffusiond.backends.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.samplers import make_scheduler
-from diffusiond.backends.single_file import SINGLE_FILE_SUFFIXES, load_single_file
+from diffusiond.backends.single_file import (
+    SINGLE_FILE_SUFFIXES,
+    load_single_file,
+    read_safetensors,
+)
 from diffusiond.errors import ModelLoadError
 from diffusiond.jobs.models import Stage
 from diffusiond.memory import trim_heap
@@ -160,13 +164,38 @@ class DiffusersBackend:
         if class_name == "StableDiffusionPipeline":
             extra = {"safety_checker": None, "requires_safety_checker": False}
         try:
-            # Straight into `dtype`, tensor by tensor from the memory-mapped files: no float32
-            # copy of a half-precision model is ever made.
+            # The big models are read without a memory map, straight into `dtype` (see
+            # SafetensorsFile); diffusers loads the rest. No float32 copy of a half-precision
+            # model is ever made.
+            for component in ("unet", "vae"):
+                model = self._read_component(path, component, dtype)
+                if model is not None:
+                    extra[component] = model
             return getattr(diffusers, class_name).from_pretrained(
                 str(path), dtype=dtype, local_files_only=True, low_cpu_mem_usage=True, **extra
             )
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise ModelLoadError(f"model path {path} could not be loaded: {exc}") from exc
+
+    @staticmethod
+    def _read_component(path: Path, component: str, dtype: torch.dtype) -> Any:
+        """A diffusers model of the folder read without a memory map; None where its
+        weights are not one plain .safetensors file (diffusers then loads it)."""
+        weights = path / component / "diffusion_pytorch_model.safetensors"
+        index = json.loads((path / "model_index.json").read_text()).get(component)
+        if not weights.is_file() or not isinstance(index, list) or index[0] != "diffusers":
+            return None
+        model_class = getattr(diffusers, index[1])
+        state = read_safetensors(weights, dtype)
+        model = model_class.from_single_file(
+            state, config=str(path), subfolder=component, torch_dtype=dtype, local_files_only=True
+        )
+        del state
+        if any(p.device.type == "meta" for p in model.parameters()):
+            raise ModelLoadError(f"model path {path}: {weights} lacks some of the weights")
+        return model
 
     def _resolve_device(self) -> str:
         wanted = self._requested_device
