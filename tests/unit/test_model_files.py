@@ -179,3 +179,24 @@ def test_the_shipped_clip_tokenizer_is_clips() -> None:
     assert tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert tokenizer.pad_token_id == 49407
     assert clip_tokenizer("!").pad_token_id == 0
+
+
+def test_large_images_are_decoded_in_tiles(tiny: tuple[Path, Path]) -> None:
+    backend = _backend(tiny[0])
+    vae = backend._pipeline.vae
+    tiled_sizes: list[tuple[int, ...]] = []
+    tiled_decode = vae.tiled_decode
+
+    def spy(latents: torch.Tensor, **kwargs: object) -> object:
+        tiled_sizes.append(tuple(latents.shape[-2:]))
+        return tiled_decode(latents, **kwargs)
+
+    vae.tiled_decode = spy
+    generate = backend.generate
+    small = generate(SPEC, lambda *_: None, lambda: False)
+    large_spec = ImageSpec(**{**SPEC.__dict__, "width": 832, "height": 768, "steps": 1})
+    large = generate(large_spec, lambda *_: None, lambda: False)
+    assert small.size == (64, 64)
+    assert large.size == (832, 768)
+    assert tiled_sizes == [(96, 104)]
+    assert np.asarray(large).std() > 0

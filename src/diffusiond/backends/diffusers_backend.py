@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Larger images are decoded in tiles (see _decode).
+TILED_DECODE_PIXELS = 768 * 768
+
 # model_index.json's pipeline class -> the diffusers class that loads it
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
@@ -272,7 +275,13 @@ class DiffusersBackend:
             # SD's VAE overflows in float16 (diffusers upcasts it the same way).
             vae.to(torch.float32)
         latents = latents.to(vae.dtype) / vae.config.scaling_factor
-        decoded = vae.decode(latents, return_dict=False)[0]
+        pixels = latents.shape[-1] * latents.shape[-2] * 64
+        if pixels > TILED_DECODE_PIXELS and hasattr(vae, "tiled_decode"):
+            # In overlapping tiles of the VAE's own size: the decoder's activations grow
+            # with the image, and past this size they would outweigh a half-precision model.
+            decoded = vae.tiled_decode(latents, return_dict=False)[0]
+        else:
+            decoded = vae.decode(latents, return_dict=False)[0]
         del latents
         image: Image = pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
         return image
