@@ -52,6 +52,8 @@ def generate_locally(
         home=settings.home,
         device=settings.device,
         torch_threads=settings.torch_threads,
+        dtype=settings.dtype,
+        model_config=settings.model_config,
     )
     backend.load()
 

@@ -34,15 +34,17 @@ log = logging.getLogger("diffusiond")
 def make_backend(settings: Settings) -> Backend:
     """The backend `settings.backend` names, checked enough to fail fast on a bad model path."""
     if settings.backend == "diffusers":
-        from diffusiond.backends.diffusers_backend import DiffusersBackend, check_model_folder
+        from diffusiond.backends.diffusers_backend import DiffusersBackend, check_model_path
 
         if settings.model is not None:
-            check_model_folder(settings.model)
+            check_model_path(settings.model)
         return DiffusersBackend(
             model_path=settings.model,
             home=settings.home,
             device=settings.device,
             torch_threads=settings.torch_threads,
+            dtype=settings.dtype,
+            model_config=settings.model_config,
         )
     module_name, _, attribute = settings.backend.partition(":")
     if not module_name or not attribute:

@@ -33,6 +33,8 @@ class Settings:
     port: int = 8081
     model: Path | None = None
     device: str = "auto"
+    dtype: str = "auto"
+    model_config: Path | None = None
     backend: str = "diffusers"
     home: Path = field(default_factory=default_home)
     result_ttl_ms: int = 300_000
@@ -149,7 +151,16 @@ OPTIONS: tuple[Option, ...] = (
         "--model",
         "DIFFUSIOND_MODEL",
         _path,
-        "a diffusers-format Stable Diffusion folder (default: the built-in model)",
+        "a Stable Diffusion 1.x/2.x/SDXL model: a diffusers folder or a single "
+        ".safetensors/.ckpt checkpoint (default: the built-in model)",
+    ),
+    Option(
+        "model_config",
+        "--model-config",
+        "DIFFUSIOND_MODEL_CONFIG",
+        _path,
+        "a diffusers config folder describing a single-file checkpoint (default: the config "
+        "shipped for the architecture detected from its keys)",
     ),
     Option(
         "device",
@@ -157,6 +168,14 @@ OPTIONS: tuple[Option, ...] = (
         "DIFFUSIOND_DEVICE",
         _choice("auto", "cpu", "cuda", prefix_ok="cuda:"),
         "auto, cpu, cuda or cuda:N (auto: cuda when available)",
+    ),
+    Option(
+        "dtype",
+        "--dtype",
+        "DIFFUSIOND_DTYPE",
+        _choice("auto", "float32", "bfloat16", "float16"),
+        "auto, float32, bfloat16 or float16 (auto: bfloat16 on CPUs with native bf16, "
+        "float16 on CUDA, float32 otherwise)",
     ),
     Option(
         "backend",

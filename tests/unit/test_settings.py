@@ -110,3 +110,13 @@ def test_settings_are_frozen() -> None:
     settings = load_settings({}, {})
     with pytest.raises(AttributeError):
         settings.port = 1  # type: ignore[misc]
+
+
+def test_dtype_choices_and_a_bad_one_named() -> None:
+    assert load_settings({}, {}).dtype == "auto"
+    assert load_settings({"DIFFUSIOND_DTYPE": "BFloat16"}, {}).dtype == "bfloat16"
+    assert load_settings({"DIFFUSIOND_DTYPE": "float16"}, {"dtype": "float32"}).dtype == "float32"
+    with pytest.raises(SettingsError, match="DIFFUSIOND_DTYPE must be one of auto, float32"):
+        load_settings({"DIFFUSIOND_DTYPE": "fp8"}, {})
+    with pytest.raises(SettingsError, match="--dtype must be one of"):
+        load_settings({}, {"dtype": "half"})

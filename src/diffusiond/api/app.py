@@ -291,6 +291,7 @@ class _Endpoints:
                     "model": info.model,
                     "device": info.device,
                     "dtype": info.dtype,
+                    "architecture": info.architecture,
                     "version": __version__,
                 }
             )

@@ -42,6 +42,7 @@ class BackendInfo:
     model: str
     device: str
     dtype: str
+    architecture: str = "unknown"  # sd1, sd2, sdxl
 
 
 class GenerationCancelled(Exception):

@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import diffusers
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
 from diffusiond.backends.base import (
@@ -23,28 +23,53 @@ from diffusiond.backends.base import (
     StageCallback,
 )
 from diffusiond.backends.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
+from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
 from diffusiond.backends.samplers import make_scheduler
+from diffusiond.backends.single_file import (
+    SINGLE_FILE_SUFFIXES,
+    load_single_file,
+    read_safetensors,
+)
 from diffusiond.errors import ModelLoadError
 from diffusiond.jobs.models import Stage
+from diffusiond.memory import trim_heap
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+# Larger images are decoded in tiles (see _decode).
+TILED_DECODE_PIXELS = 768 * 768
+
+# model_index.json's pipeline class -> the diffusers class that loads it
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
-def check_model_folder(path: Path) -> None:
-    """Fail fast, naming the path, when `path` cannot be a diffusers model folder."""
+def check_model_path(path: Path) -> None:
+    """Fail fast, naming the path, when `path` cannot be a model we load."""
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(
+                f"model file {path} is not a .safetensors or .ckpt checkpoint "
+                "(give one of those, or a diffusers model folder)"
+            )
+        return
     if not path.is_dir():
-        raise ModelLoadError(f"model path {path} is not a folder (expected a diffusers model)")
+        raise ModelLoadError(f"model path {path} is neither a file nor a folder")
+    pipeline_class_name(path)
+
+
+def pipeline_class_name(path: Path) -> str:
+    """The pipeline class a diffusers folder names in its model_index.json, if supported."""
     index = path / "model_index.json"
     if not index.is_file():
-        raise ModelLoadError(f"model path {path} has no model_index.json (not a diffusers model)")
+        raise ModelLoadError(
+            f"model path {path} has no model_index.json (not a diffusers model folder)"
+        )
     try:
         class_name = json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError) as exc:
@@ -54,6 +79,18 @@ def check_model_folder(path: Path) -> None:
             f"model path {path}: pipeline {class_name!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_PIPELINES)})"
         )
+    return str(class_name)
+
+
+def folder_architecture(path: Path, class_name: str) -> str:
+    """sd1, sd2 or sdxl for a diffusers folder (SD 2.x has a 1024-wide text encoder)."""
+    if class_name == "StableDiffusionXLPipeline":
+        return "sdxl"
+    try:
+        text = json.loads((path / "text_encoder" / "config.json").read_text())
+    except (OSError, ValueError):
+        return "sd1"
+    return "sd2" if text.get("hidden_size") == 1024 else "sd1"
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -63,14 +100,25 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 class DiffusersBackend:
-    """Loads a diffusers Stable Diffusion folder (or the built-in model) and draws images."""
+    """Loads a Stable Diffusion model (a diffusers folder, a single-file checkpoint, or the
+    built-in model) and draws images."""
 
     def __init__(
-        self, *, model_path: Path | None, home: Path, device: str, torch_threads: int
+        self,
+        *,
+        model_path: Path | None,
+        home: Path,
+        device: str,
+        torch_threads: int,
+        dtype: str = "auto",
+        model_config: Path | None = None,
     ) -> None:
         self._model_path = model_path
+        self._model_config = model_config
         self._home = home
         self._requested_device = device
+        self._requested_dtype = dtype
+        self._architecture = "unknown"
         self._torch_threads = torch_threads
         self._pipeline: Any = None
         self._device = "cpu"
@@ -85,33 +133,74 @@ class DiffusersBackend:
     def info(self) -> BackendInfo:
         model = str(self._model_path) if self._model_path is not None else BUILTIN_MODEL_NAME
         return BackendInfo(
-            name="diffusers", model=model, device=self._device, dtype=self._dtype_name
+            name="diffusers",
+            model=model,
+            device=self._device,
+            dtype=self._dtype_name,
+            architecture=self._architecture,
         )
 
     def _load(self) -> Any:
         diffusers_logging.disable_progress_bar()
         torch.set_num_threads(self._torch_threads)
         self._device = self._resolve_device()
-        dtype = torch.float16 if self._device.startswith("cuda") else torch.float32
-        self._dtype_name = str(dtype).removeprefix("torch.")
-        if self._model_path is None:
+        dtype = resolve_dtype(self._requested_dtype, self._device)
+        self._dtype_name = dtype_name(dtype)
+        path = self._model_path
+        if path is None:
             path = ensure_builtin_model(self._home)
         else:
-            check_model_folder(self._model_path)
-            path = self._model_path
-        try:
-            pipeline = StableDiffusionPipeline.from_pretrained(
-                str(path),
-                dtype=dtype,
-                local_files_only=True,
-                safety_checker=None,
-                requires_safety_checker=False,
+            check_model_path(path)
+        if path.is_file():
+            pipeline, self._architecture = load_single_file(
+                path, dtype=dtype, config=self._model_config
             )
-        except Exception as exc:
-            raise ModelLoadError(f"model path {path} could not be loaded: {exc}") from exc
+        else:
+            pipeline = self._load_folder(path, dtype)
         pipeline.to(self._device)
         pipeline.set_progress_bar_config(disable=True)
+        trim_heap()
         return pipeline
+
+    def _load_folder(self, path: Path, dtype: torch.dtype) -> Any:
+        class_name = pipeline_class_name(path)
+        self._architecture = folder_architecture(path, class_name)
+        extra: dict[str, Any] = {}
+        if class_name == "StableDiffusionPipeline":
+            extra = {"safety_checker": None, "requires_safety_checker": False}
+        try:
+            # The big models are read without a memory map, straight into `dtype` (see
+            # SafetensorsFile); diffusers loads the rest. No float32 copy of a half-precision
+            # model is ever made.
+            for component in ("unet", "vae"):
+                model = self._read_component(path, component, dtype)
+                if model is not None:
+                    extra[component] = model
+            return getattr(diffusers, class_name).from_pretrained(
+                str(path), dtype=dtype, local_files_only=True, low_cpu_mem_usage=True, **extra
+            )
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"model path {path} could not be loaded: {exc}") from exc
+
+    @staticmethod
+    def _read_component(path: Path, component: str, dtype: torch.dtype) -> Any:
+        """A diffusers model of the folder read without a memory map; None where its
+        weights are not one plain .safetensors file (diffusers then loads it)."""
+        weights = path / component / "diffusion_pytorch_model.safetensors"
+        index = json.loads((path / "model_index.json").read_text()).get(component)
+        if not weights.is_file() or not isinstance(index, list) or index[0] != "diffusers":
+            return None
+        model_class = getattr(diffusers, index[1])
+        state = read_safetensors(weights, dtype)
+        model = model_class.from_single_file(
+            state, config=str(path), subfolder=component, torch_dtype=dtype, local_files_only=True
+        )
+        del state
+        if any(p.device.type == "meta" for p in model.parameters()):
+            raise ModelLoadError(f"model path {path}: {weights} lacks some of the weights")
+        return model
 
     def _resolve_device(self) -> str:
         wanted = self._requested_device
@@ -153,38 +242,67 @@ class DiffusersBackend:
         on_stage(Stage.LOADING, 0, 1)
         pipeline = self._pipeline_for(spec.sampler)
         with torch.inference_mode():
-            prompt_embeds, negative_embeds = pipeline.encode_prompt(
-                spec.prompt,
-                self._device,
-                1,
-                spec.cfg_scale > 1,
-                spec.negative_prompt or None,
-            )
+            embeds = self._encode(pipeline, spec)
             if should_cancel():
                 raise GenerationCancelled
             on_stage(Stage.LOADING, 1, 1)
             latents = self._diffuse(
-                pipeline,
-                spec,
-                (prompt_embeds, negative_embeds),
-                on_stage,
-                should_cancel,
-                on_preview=on_preview,
+                pipeline, spec, embeds, on_stage, should_cancel, on_preview=on_preview
             )
+            del embeds  # the text encoder's outputs are not needed for decoding
             if should_cancel():
                 raise GenerationCancelled
             on_stage(Stage.DECODING, 0, 1)
-            vae = pipeline.vae
-            decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-            image: Image = pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
+            image: Image = self._decode(pipeline, latents)
         on_stage(Stage.DECODING, 1, 1)
+        return image
+
+    def _encode(self, pipeline: Any, spec: ImageSpec) -> dict[str, Any]:
+        """The prompt's embeddings, as keyword arguments of the pipeline's call."""
+        guided = spec.cfg_scale > 1
+        negative = spec.negative_prompt or None
+        if self._architecture == "sdxl":
+            embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
+                spec.prompt,
+                device=self._device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=guided,
+                negative_prompt=negative,
+            )
+            return {
+                "prompt_embeds": embeds,
+                "negative_prompt_embeds": negative_embeds,
+                "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": negative_pooled,
+            }
+        embeds, negative_embeds = pipeline.encode_prompt(
+            spec.prompt, self._device, 1, guided, negative
+        )
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
+
+    @staticmethod
+    def _decode(pipeline: Any, latents: Any) -> Image:
+        vae = pipeline.vae
+        if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+            # SD's VAE overflows in float16 (diffusers upcasts it the same way).
+            vae.to(torch.float32)
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor
+        pixels = latents.shape[-1] * latents.shape[-2] * 64
+        if pixels > TILED_DECODE_PIXELS and hasattr(vae, "tiled_decode"):
+            # In overlapping tiles of the VAE's own size: the decoder's activations grow
+            # with the image, and past this size they would outweigh a half-precision model.
+            decoded = vae.tiled_decode(latents, return_dict=False)[0]
+        else:
+            decoded = vae.decode(latents, return_dict=False)[0]
+        del latents
+        image: Image = pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
         return image
 
     def _diffuse(
         self,
         pipeline: Any,
         spec: ImageSpec,
-        embeds: tuple[Any, Any],
+        embeds: dict[str, Any],
         on_stage: StageCallback,
         should_cancel: CancelCheck,
         *,
@@ -210,8 +328,7 @@ class DiffusersBackend:
         # The noise is drawn on the CPU so that a seed gives the same picture on any device.
         generator = torch.Generator(device="cpu").manual_seed(spec.seed)
         return pipeline(
-            prompt_embeds=embeds[0],
-            negative_prompt_embeds=embeds[1],
+            **embeds,
             width=spec.width,
             height=spec.height,
             num_inference_steps=spec.steps,
@@ -229,6 +346,7 @@ class DiffusersBackend:
             **base.components,
             "scheduler": make_scheduler(sampler, base.scheduler.config),
         }
-        pipeline = type(base)(**components, requires_safety_checker=False)
+        extra = {"requires_safety_checker": False} if "safety_checker" in components else {}
+        pipeline = type(base)(**components, **extra)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
