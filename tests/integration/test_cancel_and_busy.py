@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.support.server import poll_until, wait_idle
+from tests.support.server import poll_until, wait_first_step, wait_idle
 
 # One diffusion step of this job takes about a second on two CPU cores; all of it minutes.
 LONG = {"prompt": "a very long job", "width": 2048, "height": 2048, "steps": 150, "seed": 1}
@@ -14,15 +14,7 @@ def start_long_and_wait_for_first_step(client: httpx.Client) -> str:
     response = client.post("/v1/images/generations", json=LONG)
     assert response.status_code == 201, response.text
     job_id: str = response.json()["id"]
-    poll_until(
-        client,
-        job_id,
-        lambda body: (
-            body["status"] == "in_progress"
-            and body["progress"]["stage"] == "diffusion"
-            and body["progress"]["currentStep"] >= 1
-        ),
-    )
+    wait_first_step(client, job_id)
     return job_id
 
 

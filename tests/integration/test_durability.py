@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.server import ServerProcess, poll_until, start_server
+from tests.support.server import ServerProcess, poll_until, start_server, wait_first_step
 
 LONG = {"prompt": "a very long job", "width": 2048, "height": 2048, "steps": 150, "seed": 1}
 SMALL = {"prompt": "a small job", "width": 64, "height": 64, "steps": 2}
@@ -23,18 +23,6 @@ def submit(http: httpx.Client, body: dict[str, Any]) -> str:
     assert response.status_code == 201, response.text
     job_id: str = response.json()["id"]
     return job_id
-
-
-def wait_first_step(http: httpx.Client, job_id: str) -> None:
-    poll_until(
-        http,
-        job_id,
-        lambda body: (
-            body["status"] == "in_progress"
-            and body["progress"]["stage"] == "diffusion"
-            and body["progress"]["currentStep"] >= 1
-        ),
-    )
 
 
 def wait_exit(server: ServerProcess, timeout_s: float) -> int:

@@ -128,6 +128,19 @@ def poll_until(
         time.sleep(interval_s)  # the poll interval of a client, not a wait for an event
 
 
+def wait_first_step(client: httpx.Client, job_id: str) -> None:
+    """Poll until the job is diffusing and has finished at least one step."""
+    poll_until(
+        client,
+        job_id,
+        lambda body: (
+            body["status"] == "in_progress"
+            and body["progress"]["stage"] == "diffusion"
+            and body["progress"]["currentStep"] >= 1
+        ),
+    )
+
+
 def wait_idle(client: httpx.Client, timeout_s: float = 60.0) -> None:
     """Wait until /health says no generation runs (a cancelled one has stopped)."""
     deadline = time.monotonic() + timeout_s

@@ -109,7 +109,7 @@ CREATE TABLE IF NOT EXISTS images (
 """
 
 
-class SqliteStore:
+class SqliteStore(MemoryStore):
     """Jobs in a SQLite database (WAL mode), mirrored in memory for reads.
 
     `put()` commits before it returns; `put_progress()` only marks the job dirty, and a
@@ -139,10 +139,7 @@ class SqliteStore:
         self._flusher = threading.Thread(target=self._flush_loop, name="store-flush", daemon=True)
         self._flusher.start()
 
-    # -- the interface -------------------------------------------------------------------
-
-    def get(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
+    # -- the interface (reads come from the memory mirror) ---------------------------------
 
     def put(self, job: Job) -> None:
         with self._lock:
@@ -165,15 +162,6 @@ class SqliteStore:
                 self._db.execute("DELETE FROM images WHERE job_id = ?", (job_id,))
                 self._db.execute("COMMIT")
             return existed
-
-    def oldest_first(self) -> Iterator[Job]:
-        return iter(list(self._jobs.values()))
-
-    def newest_first(self) -> Iterator[Job]:
-        return reversed(list(self._jobs.values()))
-
-    def __len__(self) -> int:
-        return len(self._jobs)
 
     def flush(self) -> int:
         """Write the dirty (progress-only) jobs now; how many were written."""
