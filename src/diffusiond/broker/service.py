@@ -102,7 +102,8 @@ class BrokerService:
         sock = bind_listening_socket(self.settings.host, self.settings.port)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        print(f"diffusiond: listening on http://{shown}:{port} (broker mode)", flush=True)
+        print(f"diffusiond: API node of the queue at {self.settings.broker}", flush=True)
+        print(f"diffusiond: listening on http://{shown}:{port}", flush=True)
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop_signal, lambda *_: None)
         asyncio.run(server.serve(sockets=[sock]))
