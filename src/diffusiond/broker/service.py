@@ -9,6 +9,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 import uvicorn
 from redis.exceptions import RedisError
@@ -102,7 +103,7 @@ class BrokerService:
         sock = bind_listening_socket(self.settings.host, self.settings.port)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        print(f"diffusiond: API node of the queue at {self.settings.broker}", flush=True)
+        print(f"diffusiond: API node of the queue at {redacted(self.settings.broker)}", flush=True)
         print(f"diffusiond: listening on http://{shown}:{port}", flush=True)
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop_signal, lambda *_: None)
@@ -118,6 +119,15 @@ class BrokerService:
             server.should_exit = True
 
         threading.Thread(target=stop, name="stop", daemon=True).start()
+
+
+def redacted(url: str | None) -> str:
+    """The broker URL without its password, for the log."""
+    parts = urlsplit(url or "")
+    if parts.password is None:
+        return url or ""
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def serve_broker(settings: Settings) -> int:
