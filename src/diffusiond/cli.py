@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from diffusiond import __version__
 from diffusiond.commands import add_client_commands, run_client_command
 from diffusiond.errors import ModelLoadError, SettingsError
-from diffusiond.settings import OPTIONS, load_settings
+from diffusiond.settings import OPTIONS, Option, load_settings
 
 
 def _environment_help() -> str:
@@ -37,10 +37,43 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_environment_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for option in OPTIONS:
+    _add_options(serve, OPTIONS)
+    worker = commands.add_parser(
+        "worker",
+        help="take generations from a broker's queue (see serve --broker)",
+        description="Load the model once and run generations from the queue at --broker, "
+        "one at a time, until SIGTERM/SIGINT. Run one worker per GPU; API nodes are "
+        "'diffusiond serve --broker' with the same URL.",
+    )
+    _add_options(worker, [option for option in OPTIONS if option.field in WORKER_FIELDS])
+    add_client_commands(commands)
+    return parser
+
+
+# The settings a worker reads; the others belong to API nodes.
+WORKER_FIELDS = frozenset(
+    {
+        "broker",
+        "model",
+        "device",
+        "backend",
+        "home",
+        "torch_threads",
+        "log_level",
+        "log_json",
+        "generation_timeout_ms",
+        "grace_seconds",
+        "broker_heartbeat_s",
+        "broker_sweep_s",
+    }
+)
+
+
+def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    for option in options:
         env = f" [env {option.env}]" if option.env else ""
         if option.switch:
-            serve.add_argument(
+            parser.add_argument(
                 option.flag,
                 dest=option.field,
                 action="store_const",
@@ -48,11 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"{option.help}{env}",
             )
         else:
-            serve.add_argument(
+            parser.add_argument(
                 option.flag, dest=option.field, metavar="VALUE", help=f"{option.help}{env}"
             )
-    add_client_commands(commands)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,6 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from diffusiond.server import serve
 
             return serve(settings)
+        except (SettingsError, ModelLoadError) as exc:
+            print(f"diffusiond: cannot start: {exc.message}", file=sys.stderr)
+            return 2
+    if args.command == "worker":
+        flags = {option.field: getattr(args, option.field, None) for option in OPTIONS}
+        try:
+            settings = load_settings(os.environ, flags)
+            from diffusiond.broker.worker import run_worker
+            from diffusiond.logs import configure_logging
+
+            configure_logging(settings.log_level, as_json=settings.log_json)
+            return run_worker(settings)
         except (SettingsError, ModelLoadError) as exc:
             print(f"diffusiond: cannot start: {exc.message}", file=sys.stderr)
             return 2

@@ -257,4 +257,8 @@ def is_loopback(host: str) -> bool:
 def serve(settings: Settings) -> int:
     refuse_unprotected_exposure(settings)
     configure_logging(settings.log_level, as_json=settings.log_json)
+    if settings.broker is not None:
+        from diffusiond.broker.service import serve_broker
+
+        return serve_broker(settings)  # an API node: the model lives in the workers
     return Service(settings, make_backend(settings)).run()

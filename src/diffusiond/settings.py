@@ -56,6 +56,9 @@ class Settings:
     max_result_bytes: int = 512 * 1024 * 1024
     grace_seconds: int = 30
     sse_heartbeat_ms: int = 15_000
+    broker: str | None = None  # redis://HOST:PORT/DB: API nodes and workers share one queue
+    broker_heartbeat_s: int = 10
+    broker_sweep_s: int = 5
 
 
 Parser = Callable[[str], object]
@@ -121,6 +124,13 @@ def _store(raw: str) -> str:
     if value.startswith("sqlite:") and value.removeprefix("sqlite:").strip():
         return "sqlite:" + value.removeprefix("sqlite:").strip()
     raise ValueError(f"must be 'memory' or 'sqlite:PATH', got {raw!r}")
+
+
+def _broker(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith(("redis://", "rediss://", "unix://")) or value.endswith("://"):
+        raise ValueError(f"must be a redis://HOST:PORT/DB (or rediss://, unix://) URL, got {raw!r}")
+    return value
 
 
 def _origins(raw: str) -> tuple[str, ...]:
@@ -325,6 +335,27 @@ OPTIONS: tuple[Option, ...] = (
         "DIFFUSIOND_SSE_HEARTBEAT_MS",
         _integer(10, 3_600_000),
         "a comment line on idle event streams every this many ms (default 15000)",
+    ),
+    Option(
+        "broker",
+        "--broker",
+        "DIFFUSIOND_BROKER",
+        _broker,
+        "redis://HOST:PORT/DB: serve as an API node of a queue that workers take jobs from",
+    ),
+    Option(
+        "broker_heartbeat_s",
+        "--broker-heartbeat-s",
+        "DIFFUSIOND_BROKER_HEARTBEAT_S",
+        _integer(2, 3600),
+        "a running job whose worker is silent this long ends as WORKER_LOST (default 10)",
+    ),
+    Option(
+        "broker_sweep_s",
+        "--broker-sweep-s",
+        "DIFFUSIOND_BROKER_SWEEP_S",
+        _integer(1, 3600),
+        "how often jobs of silent workers are looked for, in s (default 5)",
     ),
 )
 

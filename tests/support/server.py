@@ -72,10 +72,12 @@ def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def launch(args: list[str], env: Mapping[str, str] | None = None) -> ServerProcess:
-    """Run `python -m diffusiond serve ARGS` with stdout and stderr merged and collected."""
+def launch(
+    args: list[str], env: Mapping[str, str] | None = None, command: str = "serve"
+) -> ServerProcess:
+    """Run `python -m diffusiond COMMAND ARGS` with stdout and stderr merged and collected."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "diffusiond", "serve", *args],
+        [sys.executable, "-m", "diffusiond", command, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -21,6 +21,7 @@ from diffusiond import __version__
 from diffusiond.api import errors
 from diffusiond.api.live import IdempotencyKeys, JobEvents, check_idempotency_key
 from diffusiond.api.openapi import openapi_document
+from diffusiond.api.ports import JobRunner, JobSource
 from diffusiond.api.schemas import (
     DEFAULT_MAX_PIXELS,
     dump,
@@ -30,10 +31,8 @@ from diffusiond.api.schemas import (
     summary_body,
 )
 from diffusiond.api.security import BearerKeyMiddleware
-from diffusiond.engine.engine import Engine
 from diffusiond.errors import DiffusiondError, NotFound, PayloadTooLarge, ServerNotReady
 from diffusiond.jobs.models import Job, JobStatus
-from diffusiond.jobs.registry import GenerationRegistry
 
 MAX_BODY_BYTES = 64 * 1024
 _CACHED_BODIES = 16
@@ -116,7 +115,7 @@ def _last_event_id(request: Request) -> int | None:
 
 class _Endpoints:
     def __init__(
-        self, registry: GenerationRegistry, engine: Engine, config: ApiConfig, events: JobEvents
+        self, registry: JobSource, engine: JobRunner, config: ApiConfig, events: JobEvents
     ) -> None:
         self._registry = registry
         self._engine = engine
@@ -293,14 +292,15 @@ class _Endpoints:
                     "dtype": info.dtype,
                     "architecture": info.architecture,
                     "version": __version__,
+                    **engine.health_extra(),
                 }
             )
         )
 
 
 def create_app(
-    registry: GenerationRegistry,
-    engine: Engine,
+    registry: JobSource,
+    engine: JobRunner,
     config: ApiConfig,
     lifespan: Lifespan | None = None,
     events: JobEvents | None = None,

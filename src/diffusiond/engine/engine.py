@@ -187,6 +187,10 @@ class Engine:
     def draining(self) -> bool:
         return self._draining
 
+    def health_extra(self) -> dict[str, object]:
+        """Fields /health adds for this engine: none in the single-process mode."""
+        return {}
+
     def stats(self) -> EngineStats:
         with self._lock:
             return EngineStats(self._running, len(self._admitted), self._max_concurrent)

@@ -53,6 +53,7 @@ class ErrorCode(str, Enum):
     TIMEOUT_ERROR = "TIMEOUT_ERROR"
     UNKNOWN_ERROR = "UNKNOWN_ERROR"
     SERVER_RESTARTED = "SERVER_RESTARTED"
+    WORKER_LOST = "WORKER_LOST"  # broker mode: the worker running the job stopped responding
 
 
 SAMPLERS: tuple[str, ...] = (

@@ -1,0 +1,58 @@
+"""What the HTTP layer needs from the jobs and the engine: one process or a broker behind it.
+
+The single-process `GenerationRegistry` and `Engine` fit these protocols, and so do the
+broker mode's `BrokerRegistry` and `BrokerEngine` (diffusiond.broker), whose jobs live in
+Redis and run on worker processes.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable, Collection
+from typing import Protocol
+
+from diffusiond.backends.base import BackendInfo
+from diffusiond.engine.engine import EngineStats
+from diffusiond.jobs.models import GenerationRequest, Job, JobStatus
+
+
+class JobSource(Protocol):
+    """Reads jobs, and tells listeners when one changes."""
+
+    def get(self, job_id: str) -> Job: ...
+
+    def exists(self, job_id: str) -> bool: ...
+
+    def list(
+        self, statuses: Collection[JobStatus] | None = None, limit: int | None = None
+    ) -> builtins.list[Job]: ...
+
+    def add_listener(self, listener: Callable[[Job, Job], None]) -> None: ...
+
+
+class JobRunner(Protocol):
+    """Admits, cancels and runs jobs, and says how it is doing."""
+
+    def submit(self, request: GenerationRequest) -> Job: ...
+
+    def cancel(self, job_id: str) -> Job: ...
+
+    def queue_position(self, job_id: str) -> int | None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def info(self) -> BackendInfo: ...
+
+    def health_extra(self) -> dict[str, object]: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def load_error(self) -> str | None: ...
+
+    @property
+    def max_queue(self) -> int: ...
+
+    @property
+    def draining(self) -> bool: ...

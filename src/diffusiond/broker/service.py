@@ -1,0 +1,138 @@
+"""`diffusiond serve --broker URL`: an API node with no model, over the shared queue."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import uvicorn
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+
+from diffusiond.api.app import ApiConfig, create_app
+from diffusiond.api.live import JobEvents
+from diffusiond.broker.bridge import LoopThread
+from diffusiond.broker.node import BrokerEngine, BrokerRegistry
+from diffusiond.broker.queue import JobOptions, open_queue
+from diffusiond.errors import SettingsError
+from diffusiond.settings import Settings
+
+log = logging.getLogger("diffusiond")
+
+
+class BrokerService:
+    """The parts of an API node: the bridge loop, the registry and engine over SAQ, the
+    notification relay and the sweep of lost workers' jobs, and the HTTP app."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.broker is not None
+        self.settings = settings
+        self.bridge = LoopThread(settings.broker)
+        self.queue = open_queue(settings.broker)
+        try:
+            self.bridge.call(self._connect(), timeout_s=10)
+        except Exception as exc:
+            self.bridge.stop()
+            raise SettingsError(f"--broker {settings.broker}: cannot reach Redis: {exc}") from None
+        self.registry = BrokerRegistry(self.bridge, self.queue)
+        self.engine = BrokerEngine(
+            self.bridge,
+            self.queue,
+            self.registry,
+            options=JobOptions.from_settings(settings.result_ttl_ms, settings.broker_heartbeat_s),
+            max_queue=settings.max_queue,
+        )
+        self.events = JobEvents()
+        self._tasks: list[concurrent.futures.Future[None]] = []
+
+    async def _connect(self) -> None:
+        await self.queue.connect()
+        await self.queue.count("queued")
+
+    def app(self) -> Starlette:
+        config = ApiConfig(
+            max_batch=self.settings.max_batch,
+            poll_interval_ms=self.settings.poll_interval_ms,
+            max_pixels=self.settings.max_pixels,
+            api_key=self.settings.api_key,
+            cors_origins=self.settings.cors_origins,
+            heartbeat_s=self.settings.sse_heartbeat_ms / 1000,
+        )
+        return create_app(
+            self.registry, self.engine, config, lifespan=self._lifespan, events=self.events
+        )
+
+    @asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        self._tasks = [
+            self.bridge.spawn(self.registry.watch()),
+            self.bridge.spawn(self.engine.sweep(self.settings.broker_sweep_s)),
+        ]
+        print("diffusiond: ready", flush=True)
+        try:
+            yield
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            try:
+                self.bridge.call(self.queue.disconnect(), timeout_s=5)
+            except Exception as exc:  # stopping anyway
+                log.debug("broker disconnect: %s", exc)
+            self.bridge.stop()
+
+    def run(self) -> int:
+        from diffusiond.server import _GracefulServer, bind_listening_socket
+
+        config = uvicorn.Config(
+            self.app(),
+            host=self.settings.host,
+            port=self.settings.port,
+            log_level=self.settings.log_level,
+            access_log=self.settings.log_level == "debug",
+            log_config=None,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        server = _GracefulServer(config, lambda _signal: self._stop(server))
+        sock = bind_listening_socket(self.settings.host, self.settings.port)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"diffusiond: API node of the queue at {redacted(self.settings.broker)}", flush=True)
+        print(f"diffusiond: listening on http://{shown}:{port}", flush=True)
+        for stop_signal in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop_signal, lambda *_: None)
+        asyncio.run(server.serve(sockets=[sock]))
+        return 0
+
+    def _stop(self, server: uvicorn.Server) -> None:
+        """Jobs run on the workers, not here: stop admitting, end the streams, stop."""
+        self.engine.drain()
+
+        def stop() -> None:
+            self.events.close()
+            server.should_exit = True
+
+        threading.Thread(target=stop, name="stop", daemon=True).start()
+
+
+def redacted(url: str | None) -> str:
+    """The broker URL without its password, for the log."""
+    parts = urlsplit(url or "")
+    if parts.password is None:
+        return url or ""
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def serve_broker(settings: Settings) -> int:
+    try:
+        service = BrokerService(settings)
+    except RedisError as exc:
+        raise SettingsError(f"--broker {settings.broker}: {exc}") from None
+    return service.run()
