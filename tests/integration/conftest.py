@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,22 @@ from tests.support.server import ServerProcess, start_server, wait_idle
 
 pytestmark = pytest.mark.integration
 
+# The core HTTP contract: these modules run twice, against one process and against the
+# broker mode (a redis-server, one `diffusiond worker`, one `diffusiond serve --broker`).
+CONTRACT_MODULES = frozenset({"test_generation_flow", "test_cancel_and_busy", "test_http_errors"})
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module in CONTRACT_MODULES and "deployment" in metafunc.fixturenames:
+        metafunc.parametrize("deployment", ["single", "broker"], indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def deployment(request: pytest.FixtureRequest) -> str:
+    """How the `server` fixture is deployed: "single" (one process) unless parametrized."""
+    return str(getattr(request, "param", "single"))
+
 
 @pytest.fixture(scope="session")
 def model_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -22,16 +37,15 @@ def model_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The default server: built-in model, one worker, default TTL.
-
-    With DIFFUSIOND_TEST_BROKER=1 the same tests run against the broker mode instead: a
-    redis-server, one `diffusiond worker` and one `diffusiond serve --broker` API node.
-    """
-    if os.environ.get("DIFFUSIOND_TEST_BROKER") == "1":
-        deployment = deploy(model_home, tmp_path_factory.mktemp("redis"), workers=1, apis=1)
-        yield deployment.apis[0]
-        assert deployment.stop() == []
+def server(
+    deployment: str, model_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """The default server: built-in model, one worker, default TTL; or, for the contract
+    modules' second run, the same behind a broker (see CONTRACT_MODULES)."""
+    if deployment == "broker":
+        broker = deploy(model_home, tmp_path_factory.mktemp("redis"), workers=1, apis=1)
+        yield broker.apis[0]
+        assert broker.stop() == []
         return
     process = start_server(model_home)
     yield process

@@ -2,7 +2,7 @@
 
 Jobs are submitted to one API node and followed, cancelled and listed through the other;
 a worker is killed mid-job. The core contract tests also run against this mode (one worker,
-one API node) with DIFFUSIOND_TEST_BROKER=1: see tests/integration/conftest.py.
+one API node): see CONTRACT_MODULES in tests/integration/conftest.py.
 """
 
 from __future__ import annotations
