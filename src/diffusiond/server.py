@@ -24,8 +24,9 @@ from diffusiond.backends.base import Backend
 from diffusiond.engine.engine import Engine
 from diffusiond.errors import ModelLoadError, SettingsError
 from diffusiond.jobs.registry import GenerationRegistry, TtlSweeper
-from diffusiond.jobs.store import MemoryStore, open_store
+from diffusiond.jobs.store import open_store
 from diffusiond.logs import configure_logging
+from diffusiond.sched import set_time_slice
 from diffusiond.settings import Settings
 
 log = logging.getLogger("diffusiond")
@@ -96,6 +97,13 @@ def _yield_cpu_to_generation(niceness: int) -> None:
         os.setpriority(os.PRIO_PROCESS, thread, min(19, current + niceness))
     except (AttributeError, OSError) as exc:
         log.debug("could not lower the HTTP thread's priority: %s", exc)
+        return
+    slice_us = int(os.environ.get("DIFFUSIOND_HTTP_SLICE_US", "0"))
+    if slice_us:
+        try:
+            set_time_slice(thread, slice_us)
+        except OSError as exc:
+            log.debug("could not shorten the HTTP thread's time slice: %s", exc)
 
 
 class Service:
@@ -104,7 +112,7 @@ class Service:
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
         store = open_store(settings.store)
-        self.persistent = not isinstance(store, MemoryStore)
+        self.persistent = store.persistent
         self.registry = GenerationRegistry(
             ttl_ms=settings.result_ttl_ms,
             store=store,

@@ -152,9 +152,12 @@ def test_a_newer_schema_is_refused(path: Path) -> None:
 
 
 def test_open_store_specs(path: Path) -> None:
-    assert isinstance(open_store("memory"), MemoryStore)
+    memory = open_store("memory")
+    assert isinstance(memory, MemoryStore)
+    assert memory.persistent is False
     store = open_store(f"sqlite:{path}")
     assert isinstance(store, SqliteStore)
+    assert store.persistent is True  # the server keeps queued jobs pending at shutdown
     store.close()
     with pytest.raises(SettingsError, match="IMAGE_STORE"):
         open_store("redis:x")

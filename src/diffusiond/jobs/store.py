@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 class JobStore(Protocol):
     """Keeps job snapshots by id. Callers hold the registry's lock around every call."""
 
+    persistent: bool  # whether jobs outlive the process
+
     def get(self, job_id: str) -> Job | None: ...
 
     def put(self, job: Job) -> None:
@@ -63,6 +65,8 @@ class JobStore(Protocol):
 
 class MemoryStore:
     """Jobs in a dict, in creation order (so newest-first is a reversed walk)."""
+
+    persistent = False
 
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
@@ -117,6 +121,8 @@ class SqliteStore(MemoryStore):
     images are written once, when it completes. With `synchronous=NORMAL` in WAL mode a
     commit survives the process being killed; a power cut may lose the last commits.
     """
+
+    persistent = True
 
     def __init__(self, path: Path, *, flush_interval_s: float = 1.0) -> None:
         self.path = path
