@@ -34,6 +34,7 @@ from diffusiond.engine.engine import Engine
 from diffusiond.errors import DiffusiondError, NotFound, PayloadTooLarge, ServerNotReady
 from diffusiond.jobs.models import Job, JobStatus
 from diffusiond.jobs.registry import GenerationRegistry
+from diffusiond.web import web_routes
 
 MAX_BODY_BYTES = 64 * 1024
 _CACHED_BODIES = 16
@@ -315,6 +316,7 @@ def create_app(
         Route("/v1/images/generations/{id}/images/{index}", endpoints.image, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
+        *web_routes(),
     ]
     middleware = []
     if config.cors_origins:
