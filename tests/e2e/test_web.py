@@ -71,6 +71,7 @@ def test_generate_two_images_watch_them_and_keep_one(
     web_server: ServerProcess, page: Page, output_dir: Path
 ) -> None:
     open_page(page, web_server)
+    expect(page.get_by_role("button", name="Forget API key")).to_be_hidden()  # none is kept
     page.evaluate(RECORD)
     page.get_by_label("Size").select_option("256x256")
     expect(page.get_by_label("Width")).to_have_value("256")
