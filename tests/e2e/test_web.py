@@ -221,10 +221,10 @@ def test_the_page_asks_for_the_api_key_once_and_keeps_it(
     expect(dialog).to_be_hidden()
     assert page.evaluate("localStorage.getItem('diffusiond.apiKey')") == API_KEY
 
-    fill_form(page, width=64, height=64, steps=2, seed=7)
+    fill_form(page, width=64, height=64, steps=2, seed=7, sampler="ddim")
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#status")).to_contain_text("Complete: 1 image", timeout=60_000)
-    expect(page.locator("#gallery .result .meta")).to_have_text(f"seed 7 · 64{X}64 · euler_a")
+    expect(page.locator("#gallery .result .meta")).to_have_text(f"seed 7 · 64{X}64 · ddim")
 
     # A new visit: the stored key is used, nothing asked.
     page.reload()
@@ -232,6 +232,11 @@ def test_the_page_asks_for_the_api_key_once_and_keeps_it(
     expect(page.locator("#jobs li").first).to_contain_text("complete")
     expect(dialog).to_be_hidden()
     expect(page.get_by_role("button", name="Forget API key")).to_be_visible()
+
+    # The recent job opens its image again; the sampler shown comes from the PNG's recipe.
+    expect(page.locator("#gallery .result")).to_have_count(0)
+    page.locator("#jobs li").first.get_by_role("button").click()
+    expect(page.locator("#gallery .result .meta")).to_have_text(f"seed 7 · 64{X}64 · ddim")
 
 
 def test_without_the_event_stream_the_page_polls(web_server: ServerProcess, page: Page) -> None:
