@@ -1,5 +1,8 @@
 """A real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright) against real
-servers with the built-in model."""
+servers with the built-in model.
+
+The browser and the servers live as long as a test module: Playwright's event loop and the
+servers are gone before the rest of the suite runs."""
 
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def chromium() -> Path:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium: Path) -> Iterator[Browser]:
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(
@@ -60,7 +63,7 @@ def web_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("diffusiond-web-home")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def web_server(web_home: Path) -> Iterator[ServerProcess]:
     """An open server on loopback, as `diffusiond serve` starts by default."""
     process = start_server(web_home)
@@ -68,7 +71,7 @@ def web_server(web_home: Path) -> Iterator[ServerProcess]:
     assert process.stop() == 0, process.text()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def locked_server(web_home: Path) -> Iterator[ServerProcess]:
     """A server with an API key and a small pixel budget."""
     env = {"IMAGE_API_KEY": API_KEY, "IMAGE_MAX_PIXELS": str(SMALL_MAX_PIXELS)}
