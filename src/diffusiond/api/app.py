@@ -33,6 +33,7 @@ from diffusiond.api.schemas import (
 from diffusiond.api.security import BearerKeyMiddleware
 from diffusiond.errors import DiffusiondError, NotFound, PayloadTooLarge, ServerNotReady
 from diffusiond.jobs.models import Job, JobStatus
+from diffusiond.web import web_routes
 
 MAX_BODY_BYTES = 64 * 1024
 _CACHED_BODIES = 16
@@ -316,6 +317,7 @@ def create_app(
         Route("/v1/images/generations/{id}/images/{index}", endpoints.image, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
+        *web_routes(),
     ]
     middleware = []
     if config.cors_origins:

@@ -1,4 +1,4 @@
-"""Access control: a bearer API key on every endpoint but /health."""
+"""Access control: a bearer API key on every endpoint but /health and the web page's files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from diffusiond.api.errors import error_response
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})
+# The web page's script and style sheet: they hold no data, and every API call the page makes
+# carries the key (it asks for it on the first 401).
+OPEN_PREFIXES = ("/ui/",)
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 class BearerKeyMiddleware:
@@ -23,7 +30,7 @@ class BearerKeyMiddleware:
         self._expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or is_open(scope["path"]):
             await self._app(scope, receive, send)
             return
         given = b""

@@ -1,0 +1,727 @@
+// diffusiond's web page: plain JavaScript, no build step, nothing fetched but this server's API.
+// Every URL is relative, so the page works on any host and under any path prefix.
+"use strict";
+
+(() => {
+  const KEY_STORAGE = "diffusiond.apiKey";
+  const MAX_TEXT = 10000;
+  const MAX_SEED = 4294967295;
+  const SAMPLERS = ["euler_a", "euler", "heun", "dpm2", "dpm++2s_a", "dpm++2m", "dpm++2mv2",
+    "lcm", "ddim", "unipc"];
+  const TERMINAL = new Set(["complete", "error", "cancelled"]);
+  const FIELDS = ["prompt", "negativePrompt", "width", "height", "steps", "cfgScale", "seed",
+    "sampler", "count"];
+  const STAGES = { loading: "Preparing", diffusion: "Diffusing", decoding: "Decoding" };
+  const MAX_GALLERY = 40;
+
+  const $ = (id) => document.getElementById(id);
+  const state = {
+    maxBatch: 5,
+    pollMs: 500,
+    job: null, // {id, request, abort: AbortController} while one is followed
+  };
+
+  class ApiError extends Error {
+    constructor(message, { code = "", status = 0, details = null, suggestion = "",
+      retryAfter = null } = {}) {
+      super(message);
+      this.code = code;
+      this.status = status;
+      this.details = details;
+      this.suggestion = suggestion;
+      this.retryAfter = retryAfter;
+    }
+  }
+
+  // -- the API key: asked for on the first 401, kept in localStorage -----------------------
+
+  function storedKey() {
+    try {
+      return localStorage.getItem(KEY_STORAGE) || "";
+    } catch {
+      return "";
+    }
+  }
+
+  function showKeyButton() {
+    $("key-button").hidden = storedKey() === "";
+  }
+
+  let keyAnswer = null; // the pending dialog's resolve function
+  let keyPromise = null; // one dialog for every request that met a 401 at the same time
+
+  function askForKey(refused) {
+    if (keyPromise) return keyPromise;
+    keyPromise = new Promise((resolve) => {
+      keyAnswer = resolve;
+      $("key-message").textContent = refused
+        ? "The server refused the stored API key. Enter the right one (its IMAGE_API_KEY)."
+        : "This server asks for an API key (its IMAGE_API_KEY). It is kept in this " +
+          "browser's storage for this page.";
+      $("key-input").value = "";
+      $("key-dialog").showModal();
+      $("key-input").focus();
+    }).finally(() => {
+      keyPromise = null;
+      keyAnswer = null;
+    });
+    return keyPromise;
+  }
+
+  function answerKey(saved) {
+    const dialog = $("key-dialog");
+    if (dialog.open) dialog.close();
+    if (keyAnswer) keyAnswer(saved);
+    showKeyButton();
+  }
+
+  function setUpKeyDialog() {
+    $("key-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const key = $("key-input").value.trim();
+      if (!key) {
+        $("key-input").focus();
+        return;
+      }
+      try {
+        localStorage.setItem(KEY_STORAGE, key);
+      } catch {
+        // storage is off: the key cannot be kept, the request goes on failing with 401
+      }
+      answerKey(true);
+    });
+    $("key-cancel").addEventListener("click", () => answerKey(false));
+    $("key-dialog").addEventListener("cancel", () => answerKey(false)); // Escape
+    $("key-button").addEventListener("click", () => {
+      localStorage.removeItem(KEY_STORAGE);
+      showKeyButton();
+      say("The API key was removed from this browser.");
+    });
+    showKeyButton();
+  }
+
+  // -- HTTP ------------------------------------------------------------------------------
+
+  /** fetch with the stored key; on 401, ask for the key (once) and try again. */
+  async function api(path, options = {}) {
+    for (;;) {
+      const headers = new Headers(options.headers || {});
+      const key = storedKey();
+      if (key) headers.set("Authorization", `Bearer ${key}`);
+      const response = await fetch(path, { cache: "no-store", ...options, headers });
+      if (response.status !== 401) return response;
+      if (!(await askForKey(key !== ""))) {
+        throw new ApiError("This server needs an API key: nothing was sent without it.", {
+          code: "UNAUTHORIZED", status: 401,
+        });
+      }
+    }
+  }
+
+  async function errorOf(response) {
+    let body = null;
+    try {
+      body = await response.json();
+    } catch {
+      // not JSON: a proxy's page, say
+    }
+    const error = (body && body.error) || {};
+    return new ApiError(error.message || `the server answered HTTP ${response.status}`, {
+      code: error.code || "",
+      status: response.status,
+      details: error.details || null,
+      suggestion: error.suggestion || "",
+      retryAfter: response.headers.get("Retry-After"),
+    });
+  }
+
+  function jobPath(id, rest = "") {
+    return `v1/images/generations/${encodeURIComponent(id)}${rest}`;
+  }
+
+  function delay(ms, signal) {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(resolve, ms);
+      if (signal) {
+        signal.addEventListener("abort", () => {
+          clearTimeout(timer);
+          reject(new DOMException("aborted", "AbortError"));
+        }, { once: true });
+      }
+    });
+  }
+
+  // -- the server's state ----------------------------------------------------------------
+
+  async function loadHealth() {
+    let response;
+    try {
+      response = await fetch("health", { cache: "no-store" });
+    } catch {
+      $("server-info").textContent = "The server cannot be reached.";
+      return;
+    }
+    if (!response.ok) {
+      const error = await errorOf(response);
+      $("server-info").textContent = `Server not ready: ${error.message}`;
+      if (error.code === "SERVER_NOT_READY") setTimeout(loadHealth, 2000);
+      return;
+    }
+    const health = await response.json();
+    state.maxBatch = Number.isInteger(health.maxBatch) ? health.maxBatch : state.maxBatch;
+    state.pollMs = Number.isInteger(health.pollIntervalMs) ? health.pollIntervalMs : state.pollMs;
+    $("count").max = String(state.maxBatch);
+    $("count-hint").textContent = `(1–${state.maxBatch})`;
+    const parts = [health.model, health.device, health.version && `v${health.version}`];
+    $("server-info").textContent = `Model ${parts.filter(Boolean).join(" · ")}`;
+  }
+
+  // -- the form: the API's rules, checked before sending ----------------------------------
+
+  function intRule(field, low, high, extra = "") {
+    return `${field} must be an integer from ${low} to ${high}${extra}`;
+  }
+
+  function readInt(id) {
+    const text = $(id).value.trim();
+    if (!/^-?\d+$/.test(text)) return null;
+    return Number(text);
+  }
+
+  function checkForm() {
+    const errors = {};
+    const body = {};
+    const prompt = $("prompt").value;
+    if (!prompt.trim()) errors.prompt = "prompt must not be empty or only whitespace";
+    else if (prompt.length > MAX_TEXT) {
+      errors.prompt = `prompt must be at most ${MAX_TEXT} characters, got ${prompt.length}`;
+    }
+    body.prompt = prompt;
+    const negative = $("negativePrompt").value;
+    if (negative.length > MAX_TEXT) {
+      errors.negativePrompt =
+        `negativePrompt must be at most ${MAX_TEXT} characters, got ${negative.length}`;
+    }
+    body.negativePrompt = negative;
+    for (const field of ["width", "height"]) {
+      const value = readInt(field);
+      if (value === null || value < 64 || value > 2048 || value % 8 !== 0) {
+        errors[field] = intRule(field, 64, 2048, ", a multiple of 8");
+      }
+      body[field] = value;
+    }
+    const steps = readInt("steps");
+    if (steps === null || steps < 1 || steps > 150) errors.steps = intRule("steps", 1, 150);
+    body.steps = steps;
+    const cfgText = $("cfgScale").value.trim();
+    const cfg = cfgText === "" ? NaN : Number(cfgText);
+    if (!Number.isFinite(cfg) || cfg < 0 || cfg > 30) {
+      errors.cfgScale = "cfgScale must be a number from 0 to 30";
+    }
+    body.cfgScale = cfg;
+    const sampler = $("sampler").value;
+    if (!SAMPLERS.includes(sampler)) errors.sampler = `sampler must be one of ${SAMPLERS.join(", ")}`;
+    body.sampler = sampler;
+    if ($("seedRandom").checked) {
+      body.seed = null;
+    } else {
+      const seed = readInt("seed");
+      if (seed === null || seed < 0 || seed > MAX_SEED) {
+        errors.seed = `${intRule("seed", 0, MAX_SEED)}, or tick "Random seed"`;
+      }
+      body.seed = seed;
+    }
+    const count = readInt("count");
+    if (count === null || count < 1 || count > state.maxBatch) {
+      errors.count = intRule("count", 1, state.maxBatch);
+    }
+    body.count = count;
+    body.preview = $("preview").checked;
+    return { body, errors };
+  }
+
+  function clearErrors() {
+    for (const field of FIELDS) {
+      $(`${field}-error`).textContent = "";
+      $(field).removeAttribute("aria-invalid");
+    }
+    $("form-error").textContent = "";
+  }
+
+  function showFieldError(field, message) {
+    $(`${field}-error`).textContent = message;
+    $(field).setAttribute("aria-invalid", "true");
+  }
+
+  function showErrors(errors) {
+    const fields = FIELDS.filter((field) => field in errors);
+    for (const field of fields) showFieldError(field, errors[field]);
+    if (fields.length) $(fields[0]).focus();
+    return fields.length;
+  }
+
+  function syncSize() {
+    const value = $("size").value;
+    if (value === "custom") return;
+    const [width, height] = value.split("x");
+    for (const [field, size] of [["width", width], ["height", height]]) {
+      $(field).value = size;
+      $(`${field}-error`).textContent = "";
+      $(field).removeAttribute("aria-invalid");
+    }
+  }
+
+  function sizeFromFields() {
+    const wanted = `${$("width").value}x${$("height").value}`;
+    const preset = [...$("size").options].find((option) => option.value === wanted);
+    $("size").value = preset ? preset.value : "custom";
+  }
+
+  function setSeedRandom(random) {
+    $("seedRandom").checked = random;
+    $("seed").disabled = random;
+  }
+
+  function setRunning(running) {
+    $("generate").disabled = running;
+    $("cancel").disabled = !running;
+  }
+
+  function say(message) {
+    $("status").textContent = message;
+  }
+
+  // -- generating --------------------------------------------------------------------------
+
+  async function onGenerate(event) {
+    event.preventDefault();
+    if (state.job) return;
+    clearErrors();
+    const { body, errors } = checkForm();
+    if (showErrors(errors)) {
+      say("Some fields need a fix before the request can be sent.");
+      return;
+    }
+    setRunning(true);
+    say("Sending the request…");
+    resetProgress();
+    let response;
+    try {
+      response = await api("v1/images/generations", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+    } catch (error) {
+      setRunning(false);
+      say(error instanceof ApiError ? error.message : `The server cannot be reached: ${error}`);
+      return;
+    }
+    if (!response.ok) {
+      setRunning(false);
+      refused(await errorOf(response));
+      return;
+    }
+    const created = await response.json();
+    follow(created.id, body);
+  }
+
+  function refused(error) {
+    const field = error.details && error.details.field;
+    if (error.status === 400 && FIELDS.includes(field)) {
+      showFieldError(field, error.message);
+      $(field).focus();
+      say(`The server refused the request: ${error.message}`);
+    } else if (error.code === "SERVER_BUSY") {
+      const wait = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : "";
+      say(`The server is busy with other generations.${wait}`);
+      $("form-error").textContent = `Server busy: ${error.message}.${wait}`;
+    } else {
+      const hint = error.suggestion ? ` ${error.suggestion}` : "";
+      say(`The server refused the request: ${error.message}`);
+      $("form-error").textContent = `${error.message}${hint}`;
+    }
+  }
+
+  /** Follow a job to its end: the event stream, else polling; then show the result. */
+  async function follow(id, request) {
+    const abort = new AbortController();
+    state.job = { id, request, abort };
+    setRunning(true);
+    say(`Generating… (job ${id})`);
+    let final = null;
+    try {
+      final = await followStream(id, abort.signal);
+    } catch (error) {
+      if (error instanceof ApiError) console.info("event stream unavailable:", error.message);
+      else console.info("event stream broke, polling instead:", error);
+    }
+    try {
+      if (!final) final = await pollUntilDone(id, abort.signal);
+    } catch (error) {
+      say(`Lost track of generation ${id}: ${error.message}`);
+      final = null;
+    }
+    state.job = null;
+    setRunning(false);
+    if (final) await finish(final, request);
+    refreshJobs();
+  }
+
+  async function followStream(id, signal) {
+    const response = await api(jobPath(id, "/events"), {
+      headers: { Accept: "text/event-stream" },
+      signal,
+    });
+    if (!response.ok || !response.body) throw await errorOf(response);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return null; // the stream ended early: polling takes over
+      buffer += value.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const event = parseEvent(block);
+        if (!event) continue;
+        showState(event.data);
+        if (TERMINAL.has(event.name)) {
+          reader.cancel().catch(() => {});
+          return event.data;
+        }
+      }
+    }
+  }
+
+  function parseEvent(block) {
+    let name = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (line === "" || line.startsWith(":")) continue; // heartbeats are comments
+      const colon = line.indexOf(":");
+      const key = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? "" : line.slice(colon + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+      if (key === "event") name = value;
+      else if (key === "data") data.push(value);
+    }
+    if (!data.length) return null;
+    return { name, data: JSON.parse(data.join("\n")) };
+  }
+
+  async function pollUntilDone(id, signal) {
+    for (;;) {
+      const response = await api(jobPath(id), { signal });
+      if (!response.ok) throw await errorOf(response);
+      const job = await response.json();
+      showState(job);
+      if (TERMINAL.has(job.status)) return job;
+      await delay(state.pollMs, signal);
+    }
+  }
+
+  async function onCancel() {
+    const job = state.job;
+    if (!job) return;
+    $("cancel").disabled = true;
+    say("Cancelling…");
+    try {
+      const response = await api(jobPath(job.id), { method: "DELETE" });
+      if (!response.ok && response.status !== 409) {
+        say(`The cancel was refused: ${(await errorOf(response)).message}`);
+        $("cancel").disabled = false;
+      }
+    } catch (error) {
+      say(`The cancel failed: ${error.message}`);
+      $("cancel").disabled = false;
+    }
+  }
+
+  // -- progress ----------------------------------------------------------------------------
+
+  function formatMs(ms) {
+    const seconds = Math.max(0, Math.round(ms / 1000));
+    if (seconds < 60) return `${seconds} s`;
+    return `${Math.floor(seconds / 60)} min ${seconds % 60} s`;
+  }
+
+  function setBar(percent, text) {
+    const value = Math.max(0, Math.min(100, percent));
+    const bar = $("bar");
+    bar.setAttribute("aria-valuenow", String(Math.round(value * 10) / 10));
+    bar.setAttribute("aria-valuetext", text);
+    $("bar-fill").style.width = `${value}%`;
+    $("progress-text").textContent = text;
+  }
+
+  function resetProgress() {
+    setBar(0, "Waiting for the server…");
+    $("preview-figure").hidden = true;
+  }
+
+  function showState(job) {
+    if (job.status === "pending") {
+      const place = job.queuePosition ? `: position ${job.queuePosition} in the queue` : "";
+      setBar(0, `Queued${place}`);
+      return;
+    }
+    if (job.status !== "in_progress" || !job.progress) return;
+    const p = job.progress;
+    const parts = [
+      STAGES[p.stage] || p.stage,
+      `image ${p.currentImage} of ${p.totalImages}`,
+      `step ${p.currentStep}/${p.totalSteps}`,
+      `${Math.floor(p.percentage)}%`,
+    ];
+    if (typeof p.etaMs === "number") parts.push(`ETA ${formatMs(p.etaMs)}`);
+    setBar(p.percentage, parts.join(" · "));
+    if (p.preview && p.preview.image) {
+      $("preview-image").src = `data:image/${p.preview.format || "jpeg"};base64,${p.preview.image}`;
+      $("preview-caption").textContent =
+        `Preview of image ${p.currentImage} of ${p.totalImages} at step ${p.preview.step}`;
+      $("preview-figure").hidden = false;
+    }
+  }
+
+  async function finish(job, request) {
+    $("preview-figure").hidden = true;
+    if (job.status === "complete") {
+      const images = job.result.images;
+      setBar(100, `Complete · ${images.length} image${images.length === 1 ? "" : "s"}`);
+      const took = typeof job.result.timeTaken === "number" ? ` in ${formatMs(job.result.timeTaken)}` : "";
+      say(`Complete: ${images.length} image${images.length === 1 ? "" : "s"}${took}.`);
+      addResults(job, request);
+    } else if (job.status === "cancelled") {
+      setBar(0, "Cancelled");
+      say(`Generation ${job.id} cancelled.`);
+    } else if (job.status === "error") {
+      const error = job.error || {};
+      setBar(0, "Failed");
+      say(`The generation failed: ${error.message || "unknown error"} (${error.code || "?"}).`);
+    }
+  }
+
+  // -- results -----------------------------------------------------------------------------
+
+  function pngBytes(base64) {
+    const text = atob(base64);
+    const bytes = new Uint8Array(text.length);
+    for (let i = 0; i < text.length; i += 1) bytes[i] = text.charCodeAt(i);
+    return bytes;
+  }
+
+  /** The recipe diffusiond writes in each PNG (an iTXt chunk named "diffusiond"), or null. */
+  function pngRecipe(bytes) {
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const latin1 = (part) => String.fromCharCode(...part);
+    let pos = 8;
+    while (pos + 12 <= bytes.length) {
+      const length = view.getUint32(pos);
+      const type = latin1(bytes.subarray(pos + 4, pos + 8));
+      if (type === "IEND") break;
+      const data = bytes.subarray(pos + 8, pos + 8 + length);
+      const nul = data.indexOf(0);
+      if ((type === "iTXt" || type === "tEXt") && nul > 0 && latin1(data.subarray(0, nul)) === "diffusiond") {
+        let text;
+        if (type === "tEXt") {
+          text = latin1(data.subarray(nul + 1));
+        } else {
+          if (data[nul + 1] !== 0) return null; // compressed: not what diffusiond writes
+          let at = data.indexOf(0, nul + 3) + 1; // after the language tag
+          at = data.indexOf(0, at) + 1; // after the translated keyword
+          text = new TextDecoder().decode(data.subarray(at));
+        }
+        try {
+          return JSON.parse(text);
+        } catch {
+          return null;
+        }
+      }
+      pos += 12 + length;
+    }
+    return null;
+  }
+
+  function addResults(job, request) {
+    const gallery = $("gallery");
+    const images = job.result.images;
+    const items = images.map((image, index) => {
+      const bytes = pngBytes(image.image);
+      const recipe = pngRecipe(bytes) || {};
+      const sampler = recipe.sampler || (request && request.sampler) || "";
+      const url = URL.createObjectURL(new Blob([bytes], { type: "image/png" }));
+      return resultItem(job.id, index, images.length, image, sampler, url, recipe);
+    });
+    gallery.prepend(...items);
+    while (gallery.children.length > MAX_GALLERY) {
+      const last = gallery.lastElementChild;
+      URL.revokeObjectURL(last.dataset.url);
+      last.remove();
+    }
+    $("gallery-empty").hidden = gallery.children.length > 0;
+  }
+
+  function resultItem(jobId, index, total, image, sampler, url, recipe) {
+    const item = document.createElement("li");
+    item.className = "result";
+    item.dataset.job = jobId;
+    item.dataset.seed = String(image.seed);
+    item.dataset.url = url;
+    const name = `image ${index + 1} of ${total}, seed ${image.seed}`;
+
+    const view = document.createElement("button");
+    view.type = "button";
+    view.className = "thumb";
+    view.setAttribute("aria-label", `View ${name} at full size`);
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = `Generated ${name}`;
+    img.width = image.width;
+    img.height = image.height;
+    view.append(img);
+    view.addEventListener("click", () => openViewer(url, name, image));
+
+    const meta = document.createElement("p");
+    meta.className = "meta";
+    meta.textContent = `seed ${image.seed} · ${image.width}×${image.height}${sampler ? ` · ${sampler}` : ""}`;
+
+    const actions = document.createElement("div");
+    actions.className = "result-actions";
+    const download = document.createElement("a");
+    download.className = "download";
+    download.href = url;
+    download.download = `${jobId}-${index + 1}-seed${image.seed}.png`;
+    download.textContent = "Download PNG";
+    download.setAttribute("aria-label", `Download ${name} as PNG`);
+    const reuse = document.createElement("button");
+    reuse.type = "button";
+    reuse.className = "reuse";
+    reuse.textContent = "Reuse seed";
+    reuse.setAttribute("aria-label", `Reuse seed ${image.seed} in the form`);
+    reuse.addEventListener("click", () => reuseSeed(image.seed));
+    actions.append(download, reuse);
+
+    item.append(view, meta, actions);
+    if (recipe.prompt) item.title = recipe.prompt;
+    return item;
+  }
+
+  function reuseSeed(seed) {
+    setSeedRandom(false);
+    $("seed").value = String(seed);
+    $("count").value = "1";
+    $("seed").focus();
+    say(`Seed ${seed} is in the form; press Generate to draw it again.`);
+  }
+
+  function openViewer(url, name, image) {
+    $("viewer-title").textContent = `Generated ${name} (${image.width}×${image.height})`;
+    const img = $("viewer-image");
+    img.src = url;
+    img.alt = `Generated ${name}`;
+    $("viewer").showModal();
+    $("viewer-close").focus();
+  }
+
+  // -- recent jobs -------------------------------------------------------------------------
+
+  async function refreshJobs() {
+    let response;
+    try {
+      response = await api("v1/images/generations?limit=20");
+    } catch (error) {
+      $("jobs-empty").textContent = error.message;
+      $("jobs-empty").hidden = false;
+      return;
+    }
+    if (!response.ok) {
+      $("jobs-empty").textContent = (await errorOf(response)).message;
+      $("jobs-empty").hidden = false;
+      return;
+    }
+    const { generations } = await response.json();
+    const list = $("jobs");
+    list.replaceChildren(...generations.map(jobItem));
+    $("jobs-empty").textContent = "None yet.";
+    $("jobs-empty").hidden = generations.length > 0;
+  }
+
+  function jobItem(job) {
+    const item = document.createElement("li");
+    item.dataset.id = job.id;
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "job";
+    const when = new Date(job.createdAt).toLocaleTimeString();
+    const badge = document.createElement("span");
+    badge.className = `badge badge-${job.status}`;
+    badge.textContent = job.status.replace("_", " ");
+    const id = document.createElement("span");
+    id.className = "job-id";
+    id.textContent = job.id;
+    const time = document.createElement("span");
+    time.className = "job-time";
+    time.textContent = when;
+    button.append(badge, time, id);
+    button.setAttribute("aria-label", `${job.status.replace("_", " ")} job from ${when}: ${
+      job.status === "complete" ? "show its images" : "show its state"}`);
+    button.addEventListener("click", () => openJob(job.id));
+    item.append(button);
+    return item;
+  }
+
+  async function openJob(id) {
+    try {
+      const response = await api(jobPath(id));
+      if (!response.ok) throw await errorOf(response);
+      const job = await response.json();
+      if (job.status === "complete") {
+        addResults(job, null);
+        say(`Showing the images of ${id}.`);
+        $("gallery").firstElementChild.querySelector("button").focus();
+      } else if (!TERMINAL.has(job.status) && !state.job) {
+        showState(job);
+        follow(id, null);
+      } else {
+        say(`Generation ${id} is ${job.status.replace("_", " ")}.`);
+      }
+    } catch (error) {
+      say(`Cannot show ${id}: ${error.message}`);
+      refreshJobs();
+    }
+  }
+
+  // -- start -------------------------------------------------------------------------------
+
+  function start() {
+    setUpKeyDialog();
+    $("generate-form").addEventListener("submit", onGenerate);
+    $("cancel").addEventListener("click", onCancel);
+    $("size").addEventListener("change", syncSize);
+    $("width").addEventListener("input", sizeFromFields);
+    $("height").addEventListener("input", sizeFromFields);
+    $("seedRandom").addEventListener("change", () => {
+      setSeedRandom($("seedRandom").checked);
+      if (!$("seedRandom").checked) $("seed").focus();
+    });
+    for (const field of FIELDS) {
+      $(field).addEventListener("input", () => {
+        $(`${field}-error`).textContent = "";
+        $(field).removeAttribute("aria-invalid");
+      });
+    }
+    $("viewer-close").addEventListener("click", () => $("viewer").close());
+    $("viewer").addEventListener("click", (event) => {
+      if (event.target === $("viewer")) $("viewer").close(); // a click on the backdrop
+    });
+    $("jobs-refresh").addEventListener("click", refreshJobs);
+    setSeedRandom($("seedRandom").checked);
+    loadHealth();
+    refreshJobs();
+    document.body.dataset.ready = "true";
+  }
+
+  start();
+})();
