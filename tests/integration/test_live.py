@@ -84,7 +84,9 @@ def read_events(
 
 
 def test_events_stream_progress_then_the_final_state(http: httpx.Client) -> None:
-    job_id = submit(http, {**SMALL, "count": 2, "steps": 6, "seed": 11})
+    job_id = submit(
+        http, {**SMALL, "width": 512, "height": 512, "count": 2, "steps": 8, "seed": 11}
+    )
     events = read_events(http, job_id)
     names = [event.name for event in events]
     assert names[-1] == "complete"
@@ -94,10 +96,12 @@ def test_events_stream_progress_then_the_final_state(http: httpx.Client) -> None
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     running = [e.data for e in events if e.data["status"] == "in_progress"]
-    assert len(running) >= 6  # a push per step at least for the steps it ran
+    # Pushed as it moves: at most one progress event per 100 ms, the newest state each time.
+    assert len(running) >= 3
     percentages = [body["progress"]["percentage"] for body in running]
     assert percentages == sorted(percentages)
-    assert {body["progress"]["currentImage"] for body in running} == {1, 2}
+    assert len(set(percentages)) == len(percentages)  # every event says something new
+    assert 2 in {body["progress"]["currentImage"] for body in running}
     # The final event carries exactly what a GET returns.
     assert events[-1].data == http.get(f"/v1/images/generations/{job_id}").json()
 
@@ -173,7 +177,8 @@ def test_previews_are_small_images_of_the_latents(
         if e.data["status"] == "in_progress" and "preview" in e.data["progress"]
     ]
     assert previews, "no preview was pushed"
-    assert {preview["step"] for preview in previews} == {2, 4}
+    # Every second step (events may skip a state: at most one per 100 ms).
+    assert {preview["step"] for preview in previews} <= {2, 4}
     for preview in previews:
         assert preview["format"] == "jpeg"
         picture = Image.open(io.BytesIO(base64.b64decode(preview["image"])))

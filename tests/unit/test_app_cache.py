@@ -39,15 +39,21 @@ def test_a_complete_job_is_rendered_once_and_served_from_those_bytes() -> None:
     assert cache.render(done) is first  # the same bytes object: no base64, no JSON again
 
 
-def test_running_jobs_are_rendered_fresh() -> None:
+def test_running_jobs_are_rendered_once_per_change() -> None:
     cache = _TerminalBodyCache(size=4)
     running = job("gen_1_a", JobStatus.IN_PROGRESS)
     before = cache.render(running)
+    assert cache.render(running) is before  # many pollers, one rendering per version
     assert running.progress is not None
-    later = dataclasses.replace(
-        running, progress=dataclasses.replace(running.progress, current_step=2)
+    later = dataclasses.replace(  # what the registry makes of a progress report
+        running,
+        progress=dataclasses.replace(running.progress, current_step=2),
+        version=running.version + 1,
     )
     assert cache.render(later) != before
+    waiting = job("gen_1_b", JobStatus.PENDING)
+    assert b'"queuePosition":2' in cache.render(waiting, 2)
+    assert b'"queuePosition":1' in cache.render(waiting, 1)  # the position alone moved
 
 
 def test_the_cache_is_bounded_and_keeps_the_recently_used() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -52,27 +53,41 @@ class ApiConfig:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     heartbeat_s: float = 15.0  # a comment line on idle event streams
+    event_interval_s: float = 0.1  # progress events of one stream at most 10 a second
 
 
 class _TerminalBodyCache:
-    """Rendered bodies of terminal jobs, which never change: base64 and JSON happen once."""
+    """Rendered bodies: a terminal job's never changes (base64 and JSON happen once), and a
+    live job's is kept until its next change."""
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._bodies: OrderedDict[str, bytes] = OrderedDict()
+        self._live: OrderedDict[str, tuple[tuple[int, int | None], bytes]] = OrderedDict()
 
     def render(self, job: Job, queue_position: int | None = None) -> bytes:
         if not job.status.is_terminal():
-            return dump(job_body(job, queue_position))
-        body = self._bodies.get(job.id)
-        if body is None:
-            body = dump(job_body(job))
-            self._bodies[job.id] = body
+            # A running job's body changes with its version (or its queue position): render
+            # it once per change, however many pollers and event streams read it.
+            key = (job.version, queue_position)
+            live = self._live.get(job.id)
+            if live is not None and live[0] == key:
+                return live[1]
+            body = dump(job_body(job, queue_position))
+            self._live[job.id] = (key, body)
+            if len(self._live) > self._size * 4:
+                self._live.popitem(last=False)
+            return body
+        self._live.pop(job.id, None)
+        final = self._bodies.get(job.id)
+        if final is None:
+            final = dump(job_body(job))
+            self._bodies[job.id] = final
             if len(self._bodies) > self._size:
                 self._bodies.popitem(last=False)
         else:
             self._bodies.move_to_end(job.id)
-        return body
+        return final
 
 
 def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -203,8 +218,12 @@ class _Endpoints:
 
         Each event carries the body a GET would return and the job's version as its id; a
         client resuming with Last-Event-ID gets only newer states, and always the final one.
+        Progress events are at least `min_interval_s` apart (the newest state is sent; the
+        ones in between are skipped); the final event is never held back.
         """
+        loop = asyncio.get_running_loop()
         sent: tuple[int, int | None] | None = None
+        sent_at = -math.inf
         with self._events.subscribe(job_id) as changed:
             while not self._events.closed:
                 changed.clear()
@@ -218,8 +237,13 @@ class _Endpoints:
                 position = self._engine.queue_position(job_id)
                 resumed = last_id is not None and sent is None and job.version <= last_id
                 if not resumed and sent != (job.version, position):
+                    early = sent_at + self._config.event_interval_s - loop.time()
+                    if early > 0:  # too soon after the last event: wait, unless it ends
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(changed.wait(), early)
+                        continue
                     yield _event(job.version, "progress", self._render(job))
-                    sent = (job.version, position)
+                    sent, sent_at = (job.version, position), loop.time()
                 elif resumed:
                     sent = (job.version, position)
                 try:
