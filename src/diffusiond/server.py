@@ -26,7 +26,6 @@ from diffusiond.errors import ModelLoadError, SettingsError
 from diffusiond.jobs.registry import GenerationRegistry, TtlSweeper
 from diffusiond.jobs.store import open_store
 from diffusiond.logs import configure_logging
-from diffusiond.sched import set_time_slice
 from diffusiond.settings import Settings
 
 log = logging.getLogger("diffusiond")
@@ -97,13 +96,6 @@ def _yield_cpu_to_generation(niceness: int) -> None:
         os.setpriority(os.PRIO_PROCESS, thread, min(19, current + niceness))
     except (AttributeError, OSError) as exc:
         log.debug("could not lower the HTTP thread's priority: %s", exc)
-        return
-    slice_us = int(os.environ.get("DIFFUSIOND_HTTP_SLICE_US", "0"))
-    if slice_us:
-        try:
-            set_time_slice(thread, slice_us)
-        except OSError as exc:
-            log.debug("could not shorten the HTTP thread's time slice: %s", exc)
 
 
 class Service:
