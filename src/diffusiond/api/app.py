@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -36,6 +37,9 @@ from diffusiond.errors import DiffusiondError, NotFound, PayloadTooLarge, Server
 from diffusiond.jobs.models import Job, JobStatus
 from diffusiond.web import web_routes
 
+if TYPE_CHECKING:
+    from diffusiond.settings import Settings
+
 MAX_BODY_BYTES = 64 * 1024
 _CACHED_BODIES = 16
 
@@ -54,6 +58,17 @@ class ApiConfig:
     cors_origins: tuple[str, ...] = ()
     heartbeat_s: float = 15.0  # a comment line on idle event streams
     event_interval_s: float = 0.1  # progress events of one stream at most 10 a second
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiConfig:
+        return cls(
+            max_batch=settings.max_batch,
+            poll_interval_ms=settings.poll_interval_ms,
+            max_pixels=settings.max_pixels,
+            api_key=settings.api_key,
+            cors_origins=settings.cors_origins,
+            heartbeat_s=settings.sse_heartbeat_ms / 1000,
+        )
 
 
 class _TerminalBodyCache:

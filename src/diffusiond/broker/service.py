@@ -56,16 +56,12 @@ class BrokerService:
         await self.queue.count("queued")
 
     def app(self) -> Starlette:
-        config = ApiConfig(
-            max_batch=self.settings.max_batch,
-            poll_interval_ms=self.settings.poll_interval_ms,
-            max_pixels=self.settings.max_pixels,
-            api_key=self.settings.api_key,
-            cors_origins=self.settings.cors_origins,
-            heartbeat_s=self.settings.sse_heartbeat_ms / 1000,
-        )
         return create_app(
-            self.registry, self.engine, config, lifespan=self._lifespan, events=self.events
+            self.registry,
+            self.engine,
+            ApiConfig.from_settings(self.settings),
+            lifespan=self._lifespan,
+            events=self.events,
         )
 
     @asynccontextmanager
