@@ -50,7 +50,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     max_pixels: int = 1024 * 1024
     generation_timeout_ms: int = 0  # 0: no limit
-    http_niceness: int = 10
+    http_niceness: int = 12  # measured: see README, Benchmarks (responsiveness.py)
     store: str = "memory"
     max_queue: int = 0
     max_result_bytes: int = 512 * 1024 * 1024
@@ -255,7 +255,7 @@ OPTIONS: tuple[Option, ...] = (
         "--http-niceness",
         "DIFFUSIOND_HTTP_NICENESS",
         _integer(0, 19),
-        "nice levels the HTTP thread runs below generation (default 10; 0: the same)",
+        "nice levels the HTTP thread runs below generation (default 12; 0: the same)",
     ),
     Option(
         "log_json",

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from diffusiond.settings import Settings
 from tests.support.server import (
     REPO_ROOT,
     ServerProcess,
@@ -239,5 +240,5 @@ def test_the_http_thread_runs_below_the_generation_threads(
     poll_until(client, job["id"])  # the worker has run torch: its threads exist
     tids = [entry.name for entry in Path(f"/proc/{server.process.pid}/task").iterdir()]
     main_thread = str(server.process.pid)  # the event loop runs on the main thread
-    assert nice(main_thread) == 10
+    assert nice(main_thread) == Settings().http_niceness
     assert any(nice(tid) == 0 for tid in tids if tid != main_thread)
