@@ -14,11 +14,12 @@ from diffusiond.settings import OPTIONS, Option, load_settings
 
 
 def _environment_help() -> str:
-    lines = ["environment variables (a flag of the same meaning wins):"]
+    lines = ["environment variables (a flag wins; a DIFFUSIOND_ name wins over its alias):"]
     for option in OPTIONS:
         if option.env is not None:
-            lines.append(f"  {option.env:<28} {option.flag}: {option.help}")
-    lines.append("  HF_HUB_OFFLINE               always forced to 1: nothing is ever downloaded")
+            lines.append(f"  {option.env:<32} {option.flag}: {option.help}")
+        lines += [f"  {alias:<32} {option.flag}: alias of {option.env}" for alias in option.aliases]
+    lines.append(f"  {'HF_HUB_OFFLINE':<32} always forced to 1: nothing is ever downloaded")
     return "\n".join(lines)
 
 
@@ -71,7 +72,7 @@ WORKER_FIELDS = frozenset(
 
 def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
     for option in options:
-        env = f" [env {option.env}]" if option.env else ""
+        env = f" [env {', '.join(option.names())}]" if option.names() else ""
         if option.switch:
             parser.add_argument(
                 option.flag,

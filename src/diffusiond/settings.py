@@ -1,7 +1,14 @@
 """Configuration: read once from the environment and command-line flags, validated, frozen.
 
-Flags win over environment variables. A malformed value stops the server at start with a
-message naming the variable (or flag): never a silent default.
+The naming rule: a setting's environment variable is `DIFFUSIOND_` and its flag's name in
+capitals, `-` as `_` (`--max-queue` is `DIFFUSIOND_MAX_QUEUE`). The `IMAGE_*` names of the
+original contract (docs/API.md) and of earlier releases stay accepted as aliases. A flag wins
+over the environment, and a `DIFFUSIOND_*` name over its alias. `--insecure` has no variable:
+switching off the loopback check is said on the command line, never inherited unseen.
+
+A malformed value stops the server at start with a message naming the variable (or flag) it
+came from: never a silent default. `docs/configuration.md` is generated from `OPTIONS`
+(`python -m diffusiond.configdoc`).
 """
 
 from __future__ import annotations
@@ -141,9 +148,22 @@ def _origins(raw: str) -> tuple[str, ...]:
     return origins
 
 
+ENV_PREFIX = "DIFFUSIOND_"
+
+
+def env_name(flag: str) -> str:
+    """The environment variable the naming rule gives a flag: `--max-queue` ->
+    `DIFFUSIOND_MAX_QUEUE`."""
+    return ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+
+
 @dataclass(frozen=True)
 class Option:
-    """One setting: its field, its environment variable (if any), its flag, and its rule."""
+    """One setting: its field, its flag, its environment variable and aliases, its rule.
+
+    `env` is None only for a flag that must be given on the command line; `aliases` are older
+    variable names still read when `env` is not set.
+    """
 
     field: str
     flag: str
@@ -151,11 +171,25 @@ class Option:
     parse: Parser
     help: str
     switch: bool = False  # a flag that takes no value (--insecure), "true" when given
+    aliases: tuple[str, ...] = ()
+    shown_default: str = ""  # the default as docs/configuration.md shows it; "": Settings'
+
+    def names(self) -> tuple[str, ...]:
+        """The environment variables read, the one that wins first."""
+        return ((self.env,) if self.env is not None else ()) + self.aliases
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("host", "--host", None, _text, "address to listen on (loopback by default)"),
-    Option("port", "--port", None, _integer(0, 65535), "port to listen on (0 picks a free one)"),
+    Option(
+        "host", "--host", "DIFFUSIOND_HOST", _text, "address to listen on (loopback by default)"
+    ),
+    Option(
+        "port",
+        "--port",
+        "DIFFUSIOND_PORT",
+        _integer(0, 65535),
+        "port to listen on (0 picks a free one)",
+    ),
     Option(
         "model",
         "--model",
@@ -163,6 +197,7 @@ OPTIONS: tuple[Option, ...] = (
         _path,
         "a Stable Diffusion 1.x/2.x/SDXL model: a diffusers folder or a single "
         ".safetensors/.ckpt checkpoint (default: the built-in model)",
+        shown_default="the built-in model",
     ),
     Option(
         "model_config",
@@ -171,6 +206,7 @@ OPTIONS: tuple[Option, ...] = (
         _path,
         "a diffusers config folder describing a single-file checkpoint (default: the config "
         "shipped for the architecture detected from its keys)",
+        shown_default="the shipped config",
     ),
     Option(
         "device",
@@ -192,7 +228,7 @@ OPTIONS: tuple[Option, ...] = (
         "--backend",
         "DIFFUSIOND_BACKEND",
         _text,
-        "'diffusers', or module:factory of a plugin backend",
+        "'diffusers', or module:factory of a plugin backend (the tests inject faults so)",
     ),
     Option(
         "home",
@@ -200,41 +236,47 @@ OPTIONS: tuple[Option, ...] = (
         "DIFFUSIOND_HOME",
         _path,
         "cache folder for the built-in model (default: the user's cache dir)",
+        shown_default="~/.cache/diffusiond",
     ),
     Option(
         "result_ttl_ms",
         "--result-ttl-ms",
-        "IMAGE_RESULT_TTL_MS",
+        "DIFFUSIOND_RESULT_TTL_MS",
         _integer(0),
         "how long terminal jobs are kept, in ms (default 300000; 0: until the next sweep)",
+        aliases=("IMAGE_RESULT_TTL_MS",),
     ),
     Option(
         "cleanup_interval_ms",
         "--cleanup-interval-ms",
-        "IMAGE_CLEANUP_INTERVAL_MS",
+        "DIFFUSIOND_CLEANUP_INTERVAL_MS",
         _integer(1),
         "how often the TTL sweep runs, in ms (default 60000)",
+        aliases=("IMAGE_CLEANUP_INTERVAL_MS",),
     ),
     Option(
         "max_concurrent",
         "--max-concurrent",
-        "IMAGE_MAX_CONCURRENT",
+        "DIFFUSIOND_MAX_CONCURRENT",
         _integer(1, 64),
-        "generations that run at once (default 1)",
+        "generations that run at once (1..64; default 1)",
+        aliases=("IMAGE_MAX_CONCURRENT",),
     ),
     Option(
         "max_batch",
         "--max-batch",
-        "IMAGE_MAX_BATCH",
+        "DIFFUSIOND_MAX_BATCH",
         _integer(1, 100),
-        "the largest count a request may ask for (default 5)",
+        "the largest count a request may ask for (1..100; default 5)",
+        aliases=("IMAGE_MAX_BATCH",),
     ),
     Option(
         "poll_interval_ms",
         "--poll-interval-ms",
-        "IMAGE_POLL_INTERVAL_MS",
+        "DIFFUSIOND_POLL_INTERVAL_MS",
         _integer(1),
         "the poll interval the server advises clients, in ms (default 500)",
+        aliases=("IMAGE_POLL_INTERVAL_MS",),
     ),
     Option(
         "torch_threads",
@@ -242,6 +284,7 @@ OPTIONS: tuple[Option, ...] = (
         "DIFFUSIOND_TORCH_THREADS",
         _integer(1, 1024),
         "CPU threads PyTorch may use (default: the cores this process may run on)",
+        shown_default="the cores this process may run on",
     ),
     Option(
         "log_level",
@@ -255,7 +298,7 @@ OPTIONS: tuple[Option, ...] = (
         "--http-niceness",
         "DIFFUSIOND_HTTP_NICENESS",
         _integer(0, 19),
-        "nice levels the HTTP thread runs below generation (default 12; 0: the same)",
+        "nice levels (0..19) the HTTP thread runs below generation (default 12; 0: same)",
     ),
     Option(
         "log_json",
@@ -268,9 +311,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "api_key",
         "--api-key",
-        "IMAGE_API_KEY",
+        "DIFFUSIOND_API_KEY",
         _api_key,
-        "require 'Authorization: Bearer KEY' on every endpoint but /health",
+        "require 'Authorization: Bearer KEY' (16+ visible characters, no spaces) on every "
+        "endpoint but /health and the web page's files",
+        aliases=("IMAGE_API_KEY",),
     ),
     Option(
         "insecure",
@@ -283,44 +328,50 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "cors_origins",
         "--cors-origins",
-        "IMAGE_CORS_ORIGINS",
+        "DIFFUSIOND_CORS_ORIGINS",
         _origins,
-        "comma-separated browser origins allowed to call the API (default: none)",
+        "comma-separated browser origins allowed to call the API (*: any; default: none)",
+        aliases=("IMAGE_CORS_ORIGINS",),
     ),
     Option(
         "max_pixels",
         "--max-pixels",
-        "IMAGE_MAX_PIXELS",
+        "DIFFUSIOND_MAX_PIXELS",
         _integer(4096),
-        "largest width x height a request may ask for (default 1048576)",
+        "largest width x height a request may ask for; more is a 400 (default 1048576)",
+        aliases=("IMAGE_MAX_PIXELS",),
     ),
     Option(
         "generation_timeout_ms",
         "--generation-timeout-ms",
-        "IMAGE_GENERATION_TIMEOUT_MS",
+        "DIFFUSIOND_GENERATION_TIMEOUT_MS",
         _integer(0),
-        "end a job running longer than this as TIMEOUT_ERROR (default 0: off)",
+        "end a job running longer than this, in ms, as TIMEOUT_ERROR (default 0: off)",
+        aliases=("IMAGE_GENERATION_TIMEOUT_MS",),
     ),
     Option(
         "store",
         "--store",
-        "IMAGE_STORE",
+        "DIFFUSIOND_STORE",
         _store,
         "where jobs are kept: memory (default; lost on restart) or sqlite:PATH",
+        aliases=("IMAGE_STORE",),
     ),
     Option(
         "max_queue",
         "--max-queue",
-        "IMAGE_MAX_QUEUE",
+        "DIFFUSIOND_MAX_QUEUE",
         _integer(0, 100_000),
         "jobs that may wait for a worker (default 0: a busy server answers 503)",
+        aliases=("IMAGE_MAX_QUEUE",),
     ),
     Option(
         "max_result_bytes",
         "--max-result-bytes",
-        "IMAGE_MAX_RESULT_BYTES",
+        "DIFFUSIOND_MAX_RESULT_BYTES",
         _integer(0),
         "PNG bytes of results kept before the oldest are evicted (default 536870912; 0: no cap)",
+        aliases=("IMAGE_MAX_RESULT_BYTES",),
     ),
     Option(
         "grace_seconds",
@@ -380,9 +431,12 @@ def load_settings(env: Mapping[str, str], flags: Mapping[str, str | None]) -> Se
 def _raw_value(
     option: Option, env: Mapping[str, str], flags: Mapping[str, str | None]
 ) -> tuple[str, str | None]:
+    """The raw value and where it came from: the flag, else the first variable set of
+    `option.names()` (the `DIFFUSIOND_*` name before its aliases)."""
     flag_value = flags.get(option.field)
     if flag_value is not None:
         return option.flag, flag_value
-    if option.env is not None and option.env in env:
-        return option.env, env[option.env]
+    for name in option.names():
+        if name in env:
+            return name, env[name]
     return "", None

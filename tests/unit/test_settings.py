@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from diffusiond.errors import SettingsError
-from diffusiond.settings import OPTIONS, Settings, load_settings
+from diffusiond.settings import OPTIONS, Settings, env_name, load_settings
 
 
 def test_defaults_match_the_contract() -> None:
@@ -120,3 +120,67 @@ def test_dtype_choices_and_a_bad_one_named() -> None:
         load_settings({"DIFFUSIOND_DTYPE": "fp8"}, {})
     with pytest.raises(SettingsError, match="--dtype must be one of"):
         load_settings({}, {"dtype": "half"})
+
+
+def test_every_variable_follows_the_naming_rule() -> None:
+    for option in OPTIONS:
+        if option.env is not None:
+            assert option.env == env_name(option.flag), option.field
+        assert all(alias.startswith("IMAGE_") for alias in option.aliases), option.field
+    unnamed = [option.flag for option in OPTIONS if option.env is None]
+    assert unnamed == ["--insecure"]
+
+
+# The names the original contract (docs/API.md) and earlier releases promised.
+CONTRACT_ALIASES = {
+    "IMAGE_RESULT_TTL_MS": ("result_ttl_ms", "0", 0),
+    "IMAGE_CLEANUP_INTERVAL_MS": ("cleanup_interval_ms", "10", 10),
+    "IMAGE_MAX_CONCURRENT": ("max_concurrent", "2", 2),
+    "IMAGE_MAX_BATCH": ("max_batch", "8", 8),
+    "IMAGE_POLL_INTERVAL_MS": ("poll_interval_ms", "250", 250),
+    "IMAGE_API_KEY": ("api_key", "k" * 16, "k" * 16),
+    "IMAGE_CORS_ORIGINS": ("cors_origins", "http://a.test", ("http://a.test",)),
+    "IMAGE_MAX_PIXELS": ("max_pixels", "4096", 4096),
+    "IMAGE_GENERATION_TIMEOUT_MS": ("generation_timeout_ms", "5", 5),
+    "IMAGE_STORE": ("store", "sqlite:/x.db", "sqlite:/x.db"),
+    "IMAGE_MAX_QUEUE": ("max_queue", "3", 3),
+    "IMAGE_MAX_RESULT_BYTES": ("max_result_bytes", "0", 0),
+}
+
+
+@pytest.mark.parametrize("alias", sorted(CONTRACT_ALIASES))
+def test_each_old_name_is_still_read(alias: str) -> None:
+    field_name, raw, expected = CONTRACT_ALIASES[alias]
+    assert getattr(load_settings({alias: raw}, {}), field_name) == expected
+    assert getattr(load_settings({}, {}), field_name) != expected
+
+
+def test_every_alias_is_listed() -> None:
+    listed = {alias for option in OPTIONS for alias in option.aliases}
+    assert listed == set(CONTRACT_ALIASES)
+
+
+def test_primary_name_wins_over_its_alias() -> None:
+    both = {"DIFFUSIOND_MAX_QUEUE": "4", "IMAGE_MAX_QUEUE": "9"}
+    assert load_settings(both, {}).max_queue == 4
+    assert load_settings(both, {"max_queue": "7"}).max_queue == 7
+    assert load_settings({"IMAGE_MAX_QUEUE": "9"}, {}).max_queue == 9
+
+
+def test_a_bad_value_names_the_variable_it_came_from() -> None:
+    with pytest.raises(SettingsError, match="IMAGE_MAX_QUEUE must be"):
+        load_settings({"IMAGE_MAX_QUEUE": "many"}, {})
+    with pytest.raises(SettingsError, match="DIFFUSIOND_MAX_QUEUE must be"):
+        load_settings({"DIFFUSIOND_MAX_QUEUE": "many", "IMAGE_MAX_QUEUE": "1"}, {})
+    # the alias is not read when the primary name is set, even when the alias is malformed
+    assert load_settings({"DIFFUSIOND_MAX_QUEUE": "2", "IMAGE_MAX_QUEUE": "x"}, {}).max_queue == 2
+
+
+def test_host_and_port_from_the_environment() -> None:
+    settings = load_settings({"DIFFUSIOND_HOST": "0.0.0.0", "DIFFUSIOND_PORT": "9000"}, {})
+    assert (settings.host, settings.port) == ("0.0.0.0", 9000)
+    assert load_settings({"DIFFUSIOND_PORT": "9000"}, {"port": "0"}).port == 0
+
+
+def test_insecure_is_never_read_from_the_environment() -> None:
+    assert load_settings({"DIFFUSIOND_INSECURE": "true"}, {}).insecure is False
