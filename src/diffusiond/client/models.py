@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,7 +12,29 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+from diffusiond.client.errors import UnsafeAnswerError
+
 TERMINAL_STATUSES = frozenset({"complete", "error", "cancelled"})
+# What a generation id may hold: it names saved files and goes into URL paths, so nothing
+# that could climb out of a folder or a path segment ("/", "..", "%", NUL, ...).
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def safe_id(value: object) -> str:
+    """`value` if it is a generation id safe to use in a file name and a URL path;
+    UnsafeAnswerError otherwise."""
+    if not isinstance(value, str) or _SAFE_ID.fullmatch(value) is None:
+        raise UnsafeAnswerError(
+            f"the server answered the generation id {value!r}, which is not 1-128 of "
+            "A-Z a-z 0-9 _ -; refusing to use it"
+        )
+    return value
+
+
+def _seed(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UnsafeAnswerError(f"the server answered the seed {value!r}, which is not an integer")
+    return value
 
 
 @dataclass(frozen=True)
@@ -69,7 +92,7 @@ class GeneratedImage:
     def from_wire(cls, body: dict[str, Any]) -> GeneratedImage:
         return cls(
             png=base64.b64decode(body["image"]),
-            seed=body["seed"],
+            seed=_seed(body["seed"]),
             width=body["width"],
             height=body["height"],
         )
@@ -101,7 +124,7 @@ class Generation:
         error = body.get("error") or {}
         progress = body.get("progress")
         return cls(
-            id=body["id"],
+            id=safe_id(body["id"]),
             status=body["status"],
             created_at=body["createdAt"],
             updated_at=body.get("updatedAt"),
