@@ -67,9 +67,7 @@ def open_checked(data: bytes, *, max_pixels: int) -> Iterator[Image]:
                 raise ImageRejected(f"the image data is truncated or corrupt: {exc}") from None
 
 
-def read_image(
-    data: bytes, *, max_pixels: int, mode: Literal["RGB", "RGBA"] = "RGB"
-) -> Image:
+def read_image(data: bytes, *, max_pixels: int, mode: Literal["RGB", "RGBA"] = "RGB") -> Image:
     """The decoded image in `data`, turned upright by its EXIF orientation, in `mode`.
 
     Asked for RGB, transparent parts are laid on white (not the black that dropping the

@@ -12,7 +12,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from PIL import Image as PILImage
 from PIL.Image import Image
 from PIL.PngImagePlugin import PngInfo
 
