@@ -7,7 +7,7 @@ import time
 import pytest
 from PIL import Image
 
-from diffusiond.client import png_parameters
+from diffusiond.client import GeneratedImage, png_parameters
 from diffusiond.images_in import ImageRejected, read_image
 from tests.support.images import encoded, jpeg_rotated_by_exif, png_claiming
 
@@ -87,3 +87,11 @@ def test_pillows_bomb_warning_never_escapes(recwarn: pytest.WarningsRecorder) ->
     with pytest.raises(ImageRejected):
         read_image(png_claiming(10_000, 10_000), max_pixels=200_000_000)
     assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
+
+
+def test_the_client_decodes_a_servers_image_through_the_guarded_reader() -> None:
+    ok = GeneratedImage(png=encoded(Image.new("RGB", (6, 4)), "PNG"), seed=1, width=6, height=4)
+    assert ok.to_pil().size == (6, 4)
+    bomb = GeneratedImage(png=png_claiming(100_000, 100_000), seed=1, width=1, height=1)
+    with pytest.raises(ImageRejected, match="100000x100000"):
+        bomb.to_pil()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ if TYPE_CHECKING:
 from diffusiond.client.errors import UnsafeAnswerError
 
 TERMINAL_STATUSES = frozenset({"complete", "error", "cancelled"})
+# The largest image `to_pil` decodes: 128 Mpx, far past any size a server is set to draw.
+MAX_RESULT_PIXELS = 128 * 1024 * 1024
 # What a generation id may hold: it names saved files and goes into URL paths, so nothing
 # that could climb out of a folder or a path segment ("/", "..", "%", NUL, ...).
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -81,12 +82,13 @@ class GeneratedImage:
         return target
 
     def to_pil(self) -> Image:
-        """The image as a Pillow image (decoded from the PNG bytes)."""
-        from PIL import Image as PILImage
+        """The image as a Pillow image, decoded from the PNG bytes by diffusiond's guarded
+        reader (ValueError, not a traceback, for a bomb or a broken file)."""
+        from diffusiond.images_in import open_checked
 
-        picture = PILImage.open(io.BytesIO(self.png))
-        picture.load()
-        return picture
+        with open_checked(self.png, max_pixels=MAX_RESULT_PIXELS) as picture:
+            picture.load()
+            return picture.copy()
 
     @classmethod
     def from_wire(cls, body: dict[str, Any]) -> GeneratedImage:
