@@ -31,6 +31,7 @@ from diffusiond.client import (
     GenerationCancelledError,
     Progress,
     png_parameters,
+    safe_id,
 )
 
 EXIT_FAILED = 1
@@ -234,6 +235,8 @@ def _generate_local(args: argparse.Namespace) -> int:
 
 
 def _save_all(folder: Path, job_id: str, images: Sequence[GeneratedImage]) -> None:
+    # The id names the files: checked again here, whoever produced it.
+    safe_id(job_id)
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images, start=1):
         path = image.save(folder / f"{job_id}-{index}-seed{image.seed}.png")

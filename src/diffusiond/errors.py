@@ -61,3 +61,7 @@ class SettingsError(DiffusiondError):
 
 class ModelLoadError(DiffusiondError):
     """The model could not be found or loaded; the message names the path and the reason."""
+
+
+class StoreError(DiffusiondError):
+    """The job store could not write a change; memory was left as the store has it."""

@@ -61,6 +61,7 @@ class Settings:
     store: str = "memory"
     max_queue: int = 0
     max_result_bytes: int = 512 * 1024 * 1024
+    max_jobs: int = 1000
     grace_seconds: int = 30
     sse_heartbeat_ms: int = 15_000
     broker: str | None = None  # redis://HOST:PORT/DB: API nodes and workers share one queue
@@ -69,6 +70,10 @@ class Settings:
 
 
 Parser = Callable[[str], object]
+
+# The sweeper waits on threading.Event.wait, which refuses a timeout past
+# threading.TIMEOUT_MAX; a day is far below it and longer than any useful sweep interval.
+MAX_CLEANUP_INTERVAL_MS = 86_400_000
 
 
 def _integer(low: int, high: int | None = None) -> Parser:
@@ -250,8 +255,8 @@ OPTIONS: tuple[Option, ...] = (
         "cleanup_interval_ms",
         "--cleanup-interval-ms",
         "DIFFUSIOND_CLEANUP_INTERVAL_MS",
-        _integer(1),
-        "how often the TTL sweep runs, in ms (default 60000)",
+        _integer(1, MAX_CLEANUP_INTERVAL_MS),
+        "how often the TTL sweep runs, in ms (default 60000; at most 86400000, one day)",
         aliases=("IMAGE_CLEANUP_INTERVAL_MS",),
     ),
     Option(
@@ -372,6 +377,15 @@ OPTIONS: tuple[Option, ...] = (
         _integer(0),
         "PNG bytes of results kept before the oldest are evicted (default 536870912; 0: no cap)",
         aliases=("IMAGE_MAX_RESULT_BYTES",),
+    ),
+    Option(
+        "max_jobs",
+        "--max-jobs",
+        "DIFFUSIOND_MAX_JOBS",
+        _integer(1, 10_000_000),
+        "jobs the server keeps (default 1000): past it the jobs that ended first are dropped "
+        "before their TTL, never pending or running ones",
+        aliases=("IMAGE_MAX_JOBS",),
     ),
     Option(
         "grace_seconds",

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 from PIL import Image
 
+from tests.support.images import png_claiming
 from tests.support.server import REPO_ROOT, ServerProcess, poll_until, server_env, wait_idle
 
 
@@ -218,3 +223,103 @@ def test_local_generation_needs_no_server(tmp_path: Path, model_home: Path) -> N
     assert names[0].startswith("local_")
     assert names[0].endswith("-1-seed8.png")
     assert names[1].endswith("-2-seed9.png")
+
+
+# -- hostile input (issue 14, items 5 and 6) -----------------------------------------------
+
+
+def test_from_png_on_a_decompression_bomb_is_one_clear_line(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_claiming(100_000, 100_000))
+    finished = cli("generate", "--from-png", str(bomb), "--server", "http://127.0.0.1:9")
+    assert "Traceback" not in finished.stderr
+    assert finished.returncode == 2, finished.stderr
+    lines = finished.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert f"--from-png {bomb}:" in lines[0]
+    assert "100000x100000" in lines[0]
+
+
+def test_from_png_on_a_gif_and_a_text_file_names_the_rule(tmp_path: Path) -> None:
+    gif = tmp_path / "a.gif"
+    Image.new("P", (8, 8)).save(gif, format="GIF")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    for path, rule in ((gif, "GIF is not accepted"), (text, "not a PNG, JPEG or WebP")):
+        finished = cli("generate", "--from-png", str(path), "--server", "http://127.0.0.1:9")
+        assert finished.returncode == 2, finished.stderr
+        assert rule in finished.stderr
+        assert "Traceback" not in finished.stderr
+
+
+class HostileServer(ThreadingHTTPServer):
+    """Answers every generation with the id it was given, complete with one image."""
+
+    generation_id = "../../x"
+
+    def body(self) -> bytes:
+        png = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(png, format="PNG")
+        state = {
+            "id": self.generation_id,
+            "status": "complete",
+            "createdAt": 1,
+            "updatedAt": 2,
+            "result": {
+                "images": [
+                    {
+                        "image": base64.b64encode(png.getvalue()).decode(),
+                        "seed": 1,
+                        "width": 8,
+                        "height": 8,
+                    }
+                ],
+                "timeTaken": 1,
+            },
+        }
+        return json.dumps(state).encode()
+
+
+class HostileHandler(BaseHTTPRequestHandler):
+    server: HostileServer
+
+    def _answer(self, status: int) -> None:
+        if self.path == "/health":
+            payload = json.dumps({"status": "ok", "busy": False, "pollIntervalMs": 10}).encode()
+        else:
+            payload = self.server.body()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self._answer(201)
+
+    def do_GET(self) -> None:
+        self._answer(200)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_an_id_from_a_hostile_server_never_names_a_file_outside_the_folder(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "a" / "out"
+    with HostileServer(("127.0.0.1", 0), HostileHandler) as hostile:
+        thread = threading.Thread(target=hostile.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{hostile.server_address[1]}"
+            finished = cli("generate", "x", "-o", str(output), "--server", url)
+        finally:
+            hostile.shutdown()
+            thread.join()
+    written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*.png"))
+    assert written == []  # not tmp_path/x-1-seed1.png, not anywhere
+    assert finished.returncode == 1, finished.stderr
+    assert "'../../x'" in finished.stderr
+    assert "Traceback" not in finished.stderr

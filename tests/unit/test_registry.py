@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from diffusiond.errors import AlreadyTerminal, NotFound
+from diffusiond.errors import AlreadyTerminal, NotFound, StoreError
 from diffusiond.jobs.models import (
     ErrorCode,
     GeneratedImage,
@@ -20,7 +20,8 @@ from diffusiond.jobs.models import (
     Result,
     Stage,
 )
-from diffusiond.jobs.registry import GenerationRegistry
+from diffusiond.jobs.registry import GenerationRegistry, TtlSweeper
+from diffusiond.jobs.store import MemoryStore
 
 REQUEST = GenerationRequest(prompt="a cat")
 RESULT = Result(images=(GeneratedImage(png=b"png", seed=1, width=64, height=64),), time_taken_ms=5)
@@ -383,3 +384,214 @@ def test_recover_ends_running_jobs_and_returns_pending(registry: GenerationRegis
     assert ended.error is not None
     assert ended.error.code is ErrorCode.SERVER_RESTARTED
     assert registry.get(done.id).status is JobStatus.COMPLETE
+
+
+# -- bounded memory (issue 14, item 3) ---------------------------------------------------
+
+
+def test_create_and_cancel_in_a_loop_keeps_at_most_max_jobs(clock: FakeClock) -> None:
+    registry = GenerationRegistry(ttl_ms=300_000, clock=clock, max_jobs=50)
+    kept = [registry.create(REQUEST) for _ in range(3)]  # pending: never dropped
+    for _ in range(500):
+        job = registry.create(REQUEST)
+        registry.cancel(job.id)
+        clock.now += 1
+        assert len(registry.list()) <= 50
+    remaining = {job.id for job in registry.list()}
+    assert {job.id for job in kept} <= remaining
+    assert job.id in remaining  # the newest terminal job is still there
+
+
+def test_the_oldest_terminal_jobs_go_first_never_running_ones(clock: FakeClock) -> None:
+    registry = GenerationRegistry(ttl_ms=300_000, clock=clock, max_jobs=3)
+    running = registry.create(REQUEST)
+    registry.start(running.id)
+    done = registry.create(REQUEST)
+    registry.start(done.id)
+    registry.complete(done.id, RESULT)
+    cancelled = registry.create(REQUEST)
+    registry.cancel(cancelled.id)
+    newest = registry.create(REQUEST)
+    assert not registry.exists(done.id)  # ended first, so dropped first
+    assert [job.id for job in registry.list()] == [newest.id, cancelled.id, running.id]
+    assert registry.result_bytes() == 0  # a dropped result no longer counts
+
+
+def test_more_live_jobs_than_the_bound_are_all_kept(clock: FakeClock) -> None:
+    registry = GenerationRegistry(ttl_ms=300_000, clock=clock, max_jobs=2)
+    live = [registry.create(REQUEST) for _ in range(4)]
+    registry.start(live[0].id)
+    assert {job.id for job in registry.list()} == {job.id for job in live}
+
+
+class LockProbe:
+    """A status filter that notes, at each membership test, whether the lock is held."""
+
+    def __init__(self, lock: object, statuses: set[JobStatus]) -> None:
+        self._lock = lock
+        self._statuses = statuses
+        self.held_during_filter: list[bool] = []
+
+    def __contains__(self, status: object) -> bool:
+        self.held_during_filter.append(self._lock.locked())  # type: ignore[attr-defined]
+        return status in self._statuses
+
+    def __iter__(self) -> Iterator[JobStatus]:
+        return iter(self._statuses)
+
+    def __len__(self) -> int:
+        return len(self._statuses)
+
+
+def test_list_filters_outside_the_registry_lock(registry: GenerationRegistry) -> None:
+    jobs = [registry.create(REQUEST) for _ in range(200)]
+    for job in jobs[::2]:
+        registry.cancel(job.id)
+    probe = LockProbe(registry._lock, {JobStatus.PENDING})
+    found = registry.list(probe, limit=10)
+    assert [job.id for job in found] == [job.id for job in jobs[1::2][::-1][:10]]
+    assert probe.held_during_filter  # the probe ran...
+    assert not any(probe.held_during_filter)  # ...and never while GETs had to wait
+
+
+def test_the_sweep_releases_the_lock_between_small_batches(clock: FakeClock) -> None:
+    registry = GenerationRegistry(ttl_ms=1_000, clock=clock, max_jobs=10_000)
+    for _ in range(1_000):
+        registry.cancel(registry.create(REQUEST).id)
+    clock.now += 1_000
+    survivor = registry.create(REQUEST)
+    real_forget = registry._forget
+    held_since_release: list[int] = []
+    deleted = 0
+
+    def forget(job_id: str) -> bool:
+        nonlocal deleted
+        deleted += 1
+        held_since_release.append(deleted)
+        return real_forget(job_id)
+
+    registry._forget = forget  # type: ignore[method-assign]
+    real_lock = registry._lock
+
+    class CountingLock:
+        def __enter__(self) -> None:
+            nonlocal deleted
+            real_lock.acquire()
+            deleted = 0
+
+        def __exit__(self, *_: object) -> None:
+            real_lock.release()
+
+        def locked(self) -> bool:
+            return real_lock.locked()
+
+    registry._lock = CountingLock()  # type: ignore[assignment]
+    assert registry.cleanup() == 1_000
+    assert max(held_since_release) <= 100  # no lock hold deletes more than one batch
+    assert [job.id for job in registry.list()] == [survivor.id]
+
+
+# -- the store and memory agree (issue 14, item 6) ---------------------------------------
+
+
+class FailingStore(MemoryStore):
+    """A store whose writes fail while `failing` is set, keeping nothing of a failed one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = False
+
+    def put(self, job: Job) -> None:
+        if self.failing:
+            raise StoreError("the job store could not save the change: disk I/O error")
+        super().put(job)
+
+
+def test_a_failed_write_in_create_registers_nothing() -> None:
+    store = FailingStore()
+    registry = GenerationRegistry(ttl_ms=300_000, store=store)
+    store.failing = True
+    with pytest.raises(StoreError, match="could not save"):
+        registry.create(REQUEST)
+    assert registry.list() == []
+    assert len(store) == 0
+
+
+def test_a_failed_write_in_complete_ends_the_job_as_an_error_if_it_can() -> None:
+    store = FailingStore()
+    registry = GenerationRegistry(ttl_ms=300_000, store=store, max_result_bytes=10)
+    job = registry.create(REQUEST)
+    registry.start(job.id)
+    writes = 0
+    real_put = MemoryStore.put
+
+    def fail_once(self: FailingStore, one: Job) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == 1:
+            raise StoreError("the job store could not save the change: disk full")
+        real_put(self, one)
+
+    store.put = fail_once.__get__(store)  # type: ignore[method-assign]
+    with pytest.raises(StoreError):
+        registry.complete(job.id, RESULT)
+    ended = registry.get(job.id)
+    assert ended.status is JobStatus.ERROR
+    assert ended.error is not None
+    assert ended.error.code is ErrorCode.IO_ERROR
+    assert ended.result is None
+    assert store.get(job.id) == ended  # what the store holds is what GET says
+    assert registry.result_bytes() == 0
+
+
+def test_when_no_write_succeeds_memory_keeps_what_the_store_has() -> None:
+    store = FailingStore()
+    registry = GenerationRegistry(ttl_ms=300_000, store=store)
+    job = registry.create(REQUEST)
+    running = registry.start(job.id)
+    store.failing = True
+    with pytest.raises(StoreError):
+        registry.complete(job.id, RESULT)
+    assert registry.get(job.id) == running == store.get(job.id)
+    assert registry.result_bytes() == 0
+    store.failing = False
+    assert registry.fail(job.id, ERROR).status is JobStatus.ERROR  # it can still end
+
+
+# -- the sweeper survives (issue 14, item 6) ---------------------------------------------
+
+
+def test_the_sweeper_survives_an_interval_past_what_event_wait_accepts(
+    registry: GenerationRegistry,
+) -> None:
+    sweeper = TtlSweeper(registry, 10**16)  # ms: far beyond threading.TIMEOUT_MAX
+    sweeper.start()
+    try:
+        sweeper._thread.join(timeout=0.5)  # a dead sweeper ends at once; a live one waits
+        assert sweeper._thread.is_alive()
+    finally:
+        sweeper.stop()
+    assert not sweeper._thread.is_alive()
+
+
+def test_the_sweeper_logs_a_failed_sweep_and_sweeps_again(
+    registry: GenerationRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[int] = []
+    swept_twice = threading.Event()
+
+    def cleanup() -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        swept_twice.set()
+        return 0
+
+    registry.cleanup = cleanup  # type: ignore[method-assign]
+    sweeper = TtlSweeper(registry, 1)
+    sweeper.start()
+    try:
+        assert swept_twice.wait(10)
+    finally:
+        sweeper.stop()
+    assert "ttl sweep failed" in caplog.text

@@ -145,6 +145,7 @@ CONTRACT_ALIASES = {
     "IMAGE_STORE": ("store", "sqlite:/x.db", "sqlite:/x.db"),
     "IMAGE_MAX_QUEUE": ("max_queue", "3", 3),
     "IMAGE_MAX_RESULT_BYTES": ("max_result_bytes", "0", 0),
+    "IMAGE_MAX_JOBS": ("max_jobs", "25", 25),
 }
 
 
@@ -184,3 +185,21 @@ def test_host_and_port_from_the_environment() -> None:
 
 def test_insecure_is_never_read_from_the_environment() -> None:
     assert load_settings({"DIFFUSIOND_INSECURE": "true"}, {}).insecure is False
+
+
+def test_max_jobs_bounds_the_registry_and_is_validated() -> None:
+    assert load_settings({}, {}).max_jobs == 1000
+    assert load_settings({"IMAGE_MAX_JOBS": "25"}, {}).max_jobs == 25
+    assert load_settings({}, {"max_jobs": "7"}).max_jobs == 7
+    with pytest.raises(SettingsError, match="IMAGE_MAX_JOBS"):
+        load_settings({"IMAGE_MAX_JOBS": "0"}, {})
+
+
+def test_a_cleanup_interval_event_wait_cannot_take_is_refused_by_name() -> None:
+    assert load_settings({"IMAGE_CLEANUP_INTERVAL_MS": "86400000"}, {}).cleanup_interval_ms == (
+        86_400_000
+    )
+    with pytest.raises(SettingsError, match="IMAGE_CLEANUP_INTERVAL_MS must be from 1 to"):
+        load_settings({"IMAGE_CLEANUP_INTERVAL_MS": "10000000000000000"}, {})
+    with pytest.raises(SettingsError, match="--cleanup-interval-ms"):
+        load_settings({}, {"cleanup_interval_ms": "86400001"})

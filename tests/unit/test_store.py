@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from diffusiond.errors import SettingsError
+from diffusiond.errors import SettingsError, StoreError
 from diffusiond.jobs.models import (
     ErrorCode,
     GeneratedImage,
@@ -39,6 +41,18 @@ RESULT = Result(
 def job(job_id: str = "gen_1", **changes: object) -> Job:
     base = Job(id=job_id, request=REQUEST, status=JobStatus.PENDING, created_at=10, updated_at=10)
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def abandon(store: SqliteStore) -> None:
+    """Drop the store the way a killed process does: no flush, no final write.
+
+    The flusher is stopped first (the test must not race it); then the database handle and
+    the lock file are released without `close()`, which would write pending progress.
+    """
+    store._stop.set()
+    store._flusher.join(timeout=5)
+    store._db.close()
+    os.close(store._owner)
 
 
 def rows(path: Path) -> int:
@@ -173,7 +187,7 @@ def test_the_registry_recovers_from_a_persistent_store(path: Path) -> None:
     registry.start(running.id)
     registry.report_progress(running.id, Progress(Stage.DIFFUSION, 1, 7, 10.0, 1, 2))
     waiting = [registry.create(REQUEST) for _ in range(2)]
-    store.close()  # as if the process had died here
+    abandon(store)  # as if the process had died here: nothing more is written
 
     again = GenerationRegistry(ttl_ms=60_000, store=SqliteStore(path))
     pending = again.recover()
@@ -186,3 +200,93 @@ def test_the_registry_recovers_from_a_persistent_store(path: Path) -> None:
     assert again.get(done.id).result == RESULT
     assert again.result_bytes() == len(b"\x89PNG first") + len(b"\x89PNG second")
     again.close()
+
+
+def test_progress_lost_with_the_process_is_not_read_back(path: Path) -> None:
+    store = SqliteStore(path, flush_interval_s=3600)
+    running = job(status=JobStatus.IN_PROGRESS, started_at=11)
+    store.put(running)
+    store.put_progress(
+        dataclasses.replace(running, progress=Progress(Stage.DIFFUSION, 3, 9, 30.0, 1, 1))
+    )
+    abandon(store)
+    reopened = SqliteStore(path)
+    assert reopened.get(running.id) == running  # the unflushed step died with the process
+    reopened.close()
+
+
+class FailingConnection:
+    """Stands in for the store's sqlite connection: while `failures` is above zero, each
+    INSERT fails as a full or broken disk would make it fail, and counts one down."""
+
+    def __init__(self, db: sqlite3.Connection, message: str = "disk I/O error") -> None:
+        self._db = db
+        self.message = message
+        self.failures = 0
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if self.failures and sql.lstrip().upper().startswith("INSERT"):
+            self.failures -= 1
+            raise sqlite3.OperationalError(self.message)
+        return self._db.execute(sql, *args)
+
+    def executemany(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        return self._db.executemany(sql, *args)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def failing_store(
+    path: Path, message: str = "disk I/O error"
+) -> tuple[SqliteStore, FailingConnection]:
+    store = SqliteStore(path, flush_interval_s=3600)
+    connection = FailingConnection(store._db, message)
+    store._db = connection  # type: ignore[assignment]
+    return store, connection
+
+
+def test_a_failed_write_changes_neither_disk_nor_memory(path: Path) -> None:
+    store, disk = failing_store(path)
+    pending = job()
+    store.put(pending)
+    disk.failures = 2
+    with pytest.raises(StoreError, match="disk I/O error"):
+        store.put(job(status=JobStatus.CANCELLED, updated_at=20))
+    with pytest.raises(StoreError):
+        store.put(job("gen_2"))
+    assert store.get("gen_1") == pending
+    assert store.get("gen_2") is None
+    assert len(store) == 1
+    store.close()
+    reopened = SqliteStore(path)
+    assert list(reopened.oldest_first()) == [pending]
+    reopened.close()
+
+
+def test_a_failed_complete_ends_the_job_as_error_on_disk_too(path: Path) -> None:
+    store, disk = failing_store(path, "database or disk is full")
+    registry = GenerationRegistry(ttl_ms=60_000, store=store)
+    running = registry.start(registry.create(REQUEST).id)
+    disk.failures = 1  # the result's write fails; the error's write that follows does not
+    with pytest.raises(StoreError, match="disk is full"):
+        registry.complete(running.id, RESULT)
+    ended = registry.get(running.id)
+    assert ended.status is JobStatus.ERROR
+    registry.close()
+    again = GenerationRegistry(ttl_ms=60_000, store=SqliteStore(path))
+    assert again.get(running.id) == ended  # disk and memory agree
+    assert again.result_bytes() == 0
+    again.close()
+
+
+def test_a_failed_create_leaves_no_pending_job_behind(path: Path) -> None:
+    store, disk = failing_store(path)
+    registry = GenerationRegistry(ttl_ms=60_000, store=store)
+    disk.failures = 1
+    with pytest.raises(StoreError):
+        registry.create(REQUEST)
+    assert registry.list() == []
+    assert registry.recover() == []
+    registry.close()
+    assert rows(path) == 0

@@ -15,8 +15,9 @@ from diffusiond.client.errors import (
     ServerError,
     ServerNotReadyError,
     UnauthorizedError,
+    UnsafeAnswerError,
 )
-from diffusiond.client.models import GeneratedImage, Generation, Health, Progress
+from diffusiond.client.models import GeneratedImage, Generation, Health, Progress, safe_id
 from diffusiond.client.png import png_parameters
 from diffusiond.client.sync import Client
 
@@ -40,5 +41,7 @@ __all__ = [
     "ServerError",
     "ServerNotReadyError",
     "UnauthorizedError",
+    "UnsafeAnswerError",
     "png_parameters",
+    "safe_id",
 ]

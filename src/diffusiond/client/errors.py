@@ -63,6 +63,12 @@ class ServerError(DiffusiondClientError):
     """Any other error answer (5xx, unknown codes)."""
 
 
+class UnsafeAnswerError(DiffusiondClientError):
+    """The server answered something the client refuses to use (an id that could name a
+    path outside the output folder, a seed that is not a number): a broken or hostile
+    server."""
+
+
 class ConnectionError(DiffusiondClientError, builtins.ConnectionError):
     """No server answered at the URL."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,7 +11,31 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+from diffusiond.client.errors import UnsafeAnswerError
+
 TERMINAL_STATUSES = frozenset({"complete", "error", "cancelled"})
+# The largest image `to_pil` decodes: 128 Mpx, far past any size a server is set to draw.
+MAX_RESULT_PIXELS = 128 * 1024 * 1024
+# What a generation id may hold: it names saved files and goes into URL paths, so nothing
+# that could climb out of a folder or a path segment ("/", "..", "%", NUL, ...).
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def safe_id(value: object) -> str:
+    """`value` if it is a generation id safe to use in a file name and a URL path;
+    UnsafeAnswerError otherwise."""
+    if not isinstance(value, str) or _SAFE_ID.fullmatch(value) is None:
+        raise UnsafeAnswerError(
+            f"the server answered the generation id {value!r}, which is not 1-128 of "
+            "A-Z a-z 0-9 _ -; refusing to use it"
+        )
+    return value
+
+
+def _seed(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UnsafeAnswerError(f"the server answered the seed {value!r}, which is not an integer")
+    return value
 
 
 @dataclass(frozen=True)
@@ -58,18 +82,19 @@ class GeneratedImage:
         return target
 
     def to_pil(self) -> Image:
-        """The image as a Pillow image (decoded from the PNG bytes)."""
-        from PIL import Image as PILImage
+        """The image as a Pillow image, decoded from the PNG bytes by diffusiond's guarded
+        reader (ValueError, not a traceback, for a bomb or a broken file)."""
+        from diffusiond.images_in import open_checked
 
-        picture = PILImage.open(io.BytesIO(self.png))
-        picture.load()
-        return picture
+        with open_checked(self.png, max_pixels=MAX_RESULT_PIXELS) as picture:
+            picture.load()
+            return picture.copy()
 
     @classmethod
     def from_wire(cls, body: dict[str, Any]) -> GeneratedImage:
         return cls(
             png=base64.b64decode(body["image"]),
-            seed=body["seed"],
+            seed=_seed(body["seed"]),
             width=body["width"],
             height=body["height"],
         )
@@ -101,7 +126,7 @@ class Generation:
         error = body.get("error") or {}
         progress = body.get("progress")
         return cls(
-            id=body["id"],
+            id=safe_id(body["id"]),
             status=body["status"],
             created_at=body["createdAt"],
             updated_at=body.get("updatedAt"),

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection
 from typing import Any
 
-from diffusiond.errors import AlreadyTerminal, NotFound
+from diffusiond.errors import AlreadyTerminal, NotFound, StoreError
 from diffusiond.jobs.ids import new_generation_id
 from diffusiond.jobs.models import (
     ErrorCode,
@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], int]
 
+DEFAULT_MAX_JOBS = 1000  # IMAGE_MAX_JOBS
+# Jobs the TTL sweep deletes per hold of the lock: a GET waits for one batch at most.
+SWEEP_BATCH = 64
+
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -43,6 +47,14 @@ class GenerationRegistry:
     With `max_result_bytes`, the PNG bytes of complete jobs are capped: past the cap the
     jobs that completed first are deleted first (their GET answers 404, as if expired). The
     newest result is always kept, even when it alone is over the cap.
+
+    At most `max_jobs` jobs are kept: past it, creating a job drops the terminal jobs that
+    ended first (their GET answers 404). Pending and running jobs are never dropped, so
+    more of them than `max_jobs` are all kept (admission bounds how many there are).
+
+    A store write that fails raises `StoreError` and leaves memory as the store has it: a
+    job is only registered once it is saved, and a result that cannot be saved ends the
+    job as `error`/`IO_ERROR` when that at least can be saved.
     """
 
     def __init__(
@@ -53,12 +65,14 @@ class GenerationRegistry:
         clock: Clock = wall_clock_ms,
         id_factory: Callable[[int], str] = new_generation_id,
         max_result_bytes: int = 0,
+        max_jobs: int = DEFAULT_MAX_JOBS,
     ) -> None:
         self._ttl_ms = ttl_ms
         self._store: JobStore = store if store is not None else MemoryStore()
         self._clock = clock
         self._new_id = id_factory
         self._max_result_bytes = max_result_bytes
+        self._max_jobs = max_jobs
         self._lock = threading.Lock()
         self._listeners: list[Callable[[Job, Job], None]] = []
         # Bytes of each complete job's images, in the order the jobs completed.
@@ -66,6 +80,11 @@ class GenerationRegistry:
         completed = [job for job in self._store.oldest_first() if job.result is not None]
         for job in sorted(completed, key=lambda job: job.updated_at):
             self._result_bytes[job.id] = _size(job)
+        # Ids of terminal jobs in the order they ended: the first to drop past max_jobs.
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        ended = [job for job in self._store.oldest_first() if job.status.is_terminal()]
+        for job in sorted(ended, key=lambda job: job.updated_at):
+            self._ended[job.id] = None
 
     def add_listener(self, listener: Callable[[Job, Job], None]) -> None:
         """Call `listener(before, after)` on every change, in order, under the registry's
@@ -85,7 +104,8 @@ class GenerationRegistry:
                 created_at=now,
                 updated_at=now,
             )
-            self._store.put(job)
+            self._store.put(job)  # raises StoreError before anything is registered
+            self._drop_over_max_jobs()
         _log_transition(job, 0)
         return job
 
@@ -103,15 +123,16 @@ class GenerationRegistry:
     def list(
         self, statuses: Collection[JobStatus] | None = None, limit: int | None = None
     ) -> builtins.list[Job]:
-        """Jobs newest first, only those in `statuses` when given, at most `limit`."""
-        found: list[Job] = []
+        """Jobs newest first, only those in `statuses` when given, at most `limit`.
+
+        Only the copy of the store's order is made under the lock; the filter runs outside
+        it, so a listing of many jobs does not hold up the GETs waiting on the lock.
+        """
         with self._lock:
-            for job in self._store.newest_first():
-                if limit is not None and len(found) >= limit:
-                    break
-                if statuses is None or job.status in statuses:
-                    found.append(job)
-        return found
+            snapshot = list(self._store.newest_first())
+        if statuses is not None:
+            snapshot = [job for job in snapshot if job.status in statuses]
+        return snapshot if limit is None else snapshot[:limit]
 
     def delete(self, job_id: str) -> bool:
         with self._lock:
@@ -131,7 +152,8 @@ class GenerationRegistry:
             jobs = list(self._store.oldest_first())
             for job in jobs:
                 if job.status is JobStatus.IN_PROGRESS:
-                    self._apply(job, JobStatus.ERROR, {"error": error, "progress": None})
+                    ended = self._apply(job, JobStatus.ERROR, {"error": error, "progress": None})
+                    self._note_end(ended)
         return [job for job in jobs if job.status is JobStatus.PENDING]
 
     def result_bytes(self) -> int:
@@ -166,8 +188,13 @@ class GenerationRegistry:
     def complete(self, job_id: str, result: Result) -> Job:
         with self._lock:
             job = self._require(job_id)
-            done = self._apply(job, JobStatus.COMPLETE, {"result": result, "progress": None})
+            try:
+                done = self._apply(job, JobStatus.COMPLETE, {"result": result, "progress": None})
+            except StoreError as exc:
+                self._end_unsaved(job, exc)
+                raise
             self._result_bytes[job_id] = _size(done)
+            self._note_end(done)
             self._evict_over_budget()
         return done
 
@@ -182,22 +209,31 @@ class GenerationRegistry:
             job = self._require(job_id)
             if job.status is JobStatus.CANCELLED:
                 return job
-            return self._apply(job, JobStatus.CANCELLED, {"progress": None})
+            return self._note_end(self._apply(job, JobStatus.CANCELLED, {"progress": None}))
 
     def cleanup(self) -> int:
-        """Delete terminal jobs whose TTL since their last change has passed; never others."""
+        """Delete terminal jobs whose TTL since their last change has passed; never others.
+
+        The expired jobs are picked from a copy, outside the lock, and deleted in batches of
+        SWEEP_BATCH, the lock released between batches. A terminal job never changes, so one
+        picked as expired stays expired; one deleted meanwhile is skipped.
+        """
         with self._lock:
             now = self._clock()
-            expired = [
-                job.id
-                for job in self._store.newest_first()
-                if job.status.is_terminal() and now - job.updated_at >= self._ttl_ms
-            ]
-            for job_id in expired:
-                self._forget(job_id)
-        if expired:
-            log.debug("ttl sweep removed %d job(s)", len(expired))
-        return len(expired)
+            snapshot = list(self._store.oldest_first())
+        expired = [
+            job.id
+            for job in snapshot
+            if job.status.is_terminal() and now - job.updated_at >= self._ttl_ms
+        ]
+        removed = 0
+        for start in range(0, len(expired), SWEEP_BATCH):
+            with self._lock:
+                for job_id in expired[start : start + SWEEP_BATCH]:
+                    removed += self._forget(job_id)
+        if removed:
+            log.debug("ttl sweep removed %d job(s)", removed)
+        return removed
 
     def _transition(
         self,
@@ -209,11 +245,43 @@ class GenerationRegistry:
     ) -> Job:
         with self._lock:
             job = self._require(job_id)
-            return self._apply(job, target, changes(job), durable=durable)
+            return self._note_end(self._apply(job, target, changes(job), durable=durable))
 
     def _forget(self, job_id: str) -> bool:
+        existed = self._store.delete(job_id)  # first: a failed delete keeps the accounting
         self._result_bytes.pop(job_id, None)
-        return self._store.delete(job_id)
+        self._ended.pop(job_id, None)
+        return existed
+
+    def _note_end(self, job: Job) -> Job:
+        if job.status.is_terminal():
+            self._ended[job.id] = None
+        return job
+
+    def _drop_over_max_jobs(self) -> None:
+        """Drop the terminal jobs that ended first while more than max_jobs are kept."""
+        while len(self._store) > self._max_jobs and self._ended:
+            job_id = next(iter(self._ended))
+            self._forget(job_id)
+            log.info(
+                "job %s dropped: more than IMAGE_MAX_JOBS=%d jobs",
+                job_id,
+                self._max_jobs,
+                extra={"job": job_id, "status": "evicted"},
+            )
+
+    def _end_unsaved(self, job: Job, failure: StoreError) -> None:
+        """A result that could not be saved: end the job as an error, if that saves."""
+        log.error("job %s: its result could not be saved: %s", job.id, failure.message)
+        error = JobError(
+            f"The generation finished but its result could not be saved: {failure.message}",
+            ErrorCode.IO_ERROR,
+        )
+        try:
+            self._note_end(self._apply(job, JobStatus.ERROR, {"error": error, "progress": None}))
+        except StoreError as again:
+            # Memory keeps what the store has (running); a restart ends it SERVER_RESTARTED.
+            log.error("job %s: its failure could not be saved either: %s", job.id, again.message)
 
     def _evict_over_budget(self) -> None:
         """Delete the earliest-completed results until under budget; keep the newest."""
@@ -291,7 +359,8 @@ class TtlSweeper:
 
     def __init__(self, registry: GenerationRegistry, interval_ms: int) -> None:
         self._registry = registry
-        self._interval_s = interval_ms / 1000
+        # Event.wait refuses a timeout past TIMEOUT_MAX (settings bound it far below).
+        self._interval_s = min(interval_ms / 1000, threading.TIMEOUT_MAX)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ttl-sweeper", daemon=True)
 
@@ -304,8 +373,12 @@ class TtlSweeper:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
+        while True:
             try:
+                if self._stop.wait(self._interval_s):
+                    return
                 self._registry.cleanup()
-            except Exception:  # a sweep that fails must not end the sweeping
+            except Exception:  # a sweep (or a wait) that fails must not end the sweeping
                 log.exception("ttl sweep failed")
+                if self._stop.wait(1.0):  # and must not spin if it fails at once again
+                    return

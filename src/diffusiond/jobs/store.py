@@ -16,12 +16,13 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
-from diffusiond.errors import SettingsError
+from diffusiond.errors import SettingsError, StoreError
 from diffusiond.jobs.models import (
     ErrorCode,
     GeneratedImage,
@@ -46,12 +47,15 @@ class JobStore(Protocol):
     def get(self, job_id: str) -> Job | None: ...
 
     def put(self, job: Job) -> None:
-        """Keep `job`; durable (on disk, for a persistent store) when this returns."""
+        """Keep `job`; durable (on disk, for a persistent store) when this returns.
+
+        Raises `StoreError` when it cannot be kept, and then keeps nothing of it."""
 
     def put_progress(self, job: Job) -> None:
         """Keep a progress-only change; a persistent store may write it a little later."""
 
-    def delete(self, job_id: str) -> bool: ...
+    def delete(self, job_id: str) -> bool:
+        """Forget the job; `StoreError` (and the job kept) when that cannot be written."""
 
     def oldest_first(self) -> Iterator[Job]: ...
 
@@ -116,7 +120,9 @@ CREATE TABLE IF NOT EXISTS images (
 class SqliteStore(MemoryStore):
     """Jobs in a SQLite database (WAL mode), mirrored in memory for reads.
 
-    `put()` commits before it returns; `put_progress()` only marks the job dirty, and a
+    `put()` commits before it returns, and changes the memory mirror only once the commit
+    succeeded (a failed write raises `StoreError`, and memory keeps what the disk has);
+    `put_progress()` only marks the job dirty, and a
     flusher thread writes dirty jobs every `flush_interval_s` in one transaction. A job's
     images are written once, when it completes. With `synchronous=NORMAL` in WAL mode a
     commit survives the process being killed; a power cut may lose the last commits.
@@ -149,9 +155,9 @@ class SqliteStore(MemoryStore):
 
     def put(self, job: Job) -> None:
         with self._lock:
+            self._write([job])
             self._jobs[job.id] = job
             self._dirty.discard(job.id)
-            self._write([job])
 
     def put_progress(self, job: Job) -> None:
         with self._lock:
@@ -160,14 +166,14 @@ class SqliteStore(MemoryStore):
 
     def delete(self, job_id: str) -> bool:
         with self._lock:
-            existed = self._jobs.pop(job_id, None) is not None
-            self._dirty.discard(job_id)
-            if existed:
-                self._db.execute("BEGIN")
+            if job_id not in self._jobs:
+                return False
+            with self._transaction():
                 self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
                 self._db.execute("DELETE FROM images WHERE job_id = ?", (job_id,))
-                self._db.execute("COMMIT")
-            return existed
+            del self._jobs[job_id]
+            self._dirty.discard(job_id)
+            return True
 
     def flush(self) -> int:
         """Write the dirty (progress-only) jobs now; how many were written."""
@@ -175,8 +181,8 @@ class SqliteStore(MemoryStore):
             if self._closed or not self._dirty:
                 return 0
             jobs = [self._jobs[job_id] for job_id in self._dirty if job_id in self._jobs]
+            self._write(jobs)  # a failure keeps them dirty, for the next flush
             self._dirty.clear()
-            self._write(jobs)
             return len(jobs)
 
     def close(self) -> None:
@@ -193,11 +199,25 @@ class SqliteStore(MemoryStore):
 
     # -- disk ----------------------------------------------------------------------------
 
-    def _write(self, jobs: list[Job]) -> None:
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One committed transaction, or `StoreError` with everything in it rolled back."""
         if self._closed:
-            raise RuntimeError(f"the job store {self.path} is closed")
-        self._db.execute("BEGIN")
+            raise StoreError("the job store is closed")
         try:
+            self._db.execute("BEGIN")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            log.error("writing to the job store %s failed: %s", self.path, exc)
+            raise StoreError(f"the job store could not save the change: {exc}") from None
+
+    def _write(self, jobs: list[Job]) -> None:
+        with self._transaction():
             for job in jobs:
                 self._db.execute(
                     "INSERT INTO jobs (id, record) VALUES (?, ?) "
@@ -209,10 +229,6 @@ class SqliteStore(MemoryStore):
                         "INSERT OR IGNORE INTO images (job_id, idx, png) VALUES (?, ?, ?)",
                         [(job.id, i, image.png) for i, image in enumerate(job.result.images)],
                     )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def _check_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
