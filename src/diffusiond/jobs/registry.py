@@ -17,7 +17,9 @@ from diffusiond.jobs.models import (
     ErrorCode,
     GenerationRequest,
     Job,
+    JobChanged,
     JobError,
+    JobListener,
     JobStatus,
     Progress,
     Result,
@@ -60,16 +62,16 @@ class GenerationRegistry:
         self._new_id = id_factory
         self._max_result_bytes = max_result_bytes
         self._lock = threading.Lock()
-        self._listeners: list[Callable[[Job, Job], None]] = []
+        self._listeners: list[JobListener] = []
         # Bytes of each complete job's images, in the order the jobs completed.
         self._result_bytes: OrderedDict[str, int] = OrderedDict()
         completed = [job for job in self._store.oldest_first() if job.result is not None]
         for job in sorted(completed, key=lambda job: job.updated_at):
             self._result_bytes[job.id] = _size(job)
 
-    def add_listener(self, listener: Callable[[Job, Job], None]) -> None:
-        """Call `listener(before, after)` on every change, in order, under the registry's
-        lock: it must be quick and must not call back into the registry."""
+    def add_listener(self, listener: JobListener) -> None:
+        """Call `listener(JobChanged(...))` on every change and deletion, in order, under
+        the registry's lock: it must be quick and must not call back into the registry."""
         self._listeners.append(listener)
 
     def create(self, request: GenerationRequest) -> Job:
@@ -213,7 +215,14 @@ class GenerationRegistry:
 
     def _forget(self, job_id: str) -> bool:
         self._result_bytes.pop(job_id, None)
-        return self._store.delete(job_id)
+        deleted = self._store.delete(job_id)
+        if deleted:
+            self._notify(JobChanged(job_id, deleted=True))
+        return deleted
+
+    def _notify(self, change: JobChanged) -> None:
+        for listener in self._listeners:
+            listener(change)
 
     def _evict_over_budget(self) -> None:
         """Delete the earliest-completed results until under budget; keep the newest."""
@@ -256,8 +265,7 @@ class GenerationRegistry:
             self._store.put(updated)
         else:
             self._store.put_progress(updated)
-        for listener in self._listeners:
-            listener(job, updated)
+        self._notify(JobChanged(job.id, status_changed=target is not job.status))
         if target is not job.status:
             # Time in the state it left: waiting when it starts, running when it ends.
             since = job.started_at if job.started_at is not None else job.created_at
