@@ -70,7 +70,9 @@ def test_the_bodies_are_bounded_by_bytes_and_keep_the_recently_read() -> None:
     assert bodies.render(a) is body_a  # a is now the most recently read
     bodies.render(c)  # b goes
     assert bodies.render(a) is body_a
-    assert a.id in bodies and c.id in bodies and b.id not in bodies
+    assert a.id in bodies
+    assert c.id in bodies
+    assert b.id not in bodies
     assert bodies.total_bytes == 2 * one
 
 
@@ -81,7 +83,8 @@ def test_a_body_over_the_bound_alone_is_still_kept_as_the_newest() -> None:
     assert len(first) > 100
     assert bodies.render(big) is first
     bodies.render(job("gen_1_b", JobStatus.COMPLETE, png_bytes=10_000))
-    assert "gen_1_a" not in bodies and "gen_1_b" in bodies
+    assert "gen_1_a" not in bodies
+    assert "gen_1_b" in bodies
 
 
 def test_a_deleted_job_takes_its_body_with_it() -> None:
@@ -92,7 +95,8 @@ def test_a_deleted_job_takes_its_body_with_it() -> None:
     bodies.on_change(JobChanged(gone.id, status_changed=True))  # a change is not a deletion
     assert gone.id in bodies
     bodies.on_change(JobChanged(gone.id, deleted=True))
-    assert gone.id not in bodies and kept.id in bodies
+    assert gone.id not in bodies
+    assert kept.id in bodies
     assert bodies.total_bytes == len(bodies.render(kept))
 
 
@@ -111,5 +115,6 @@ def test_swept_and_evicted_jobs_leave_the_bodies() -> None:
     bodies.render(registry.cancel(third.id))
     now[0] += 10
     assert registry.cleanup() == 2  # the TTL sweep deletes second and third
-    assert second.id not in bodies and third.id not in bodies
+    assert second.id not in bodies
+    assert third.id not in bodies
     assert bodies.total_bytes == 0
