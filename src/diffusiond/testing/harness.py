@@ -37,17 +37,20 @@ class ServerProcess:
         self.startup_s = 0.0  # from start to ready, when started by `start_server`
         self.output: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def _pump(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.output.append(line)
-            self._lines.put(line)
+        stdout = self.process.stdout
+        assert stdout is not None
+        with stdout:  # closed at the end of the output, or it leaks (a ResourceWarning)
+            for line in stdout:
+                self.output.append(line)
+                self._lines.put(line)
         self._lines.put(None)
 
     def wait_for_line(self, prefix: str, timeout_s: float = 120.0) -> str:
@@ -82,6 +85,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._pump_thread.join(timeout=5)  # the last lines are in `output` once stopped
         return self.process.returncode
 
     def __enter__(self) -> ServerProcess:
