@@ -1,39 +1,30 @@
 """Start and stop a diffusiond server subprocess for the benchmarks, plus small shared helpers.
 
-`start_server` runs `python -m diffusiond serve --port 0`, reads its stdout on a thread,
-takes the address from the `diffusiond: listening on ...` line and returns once the
-`diffusiond: ready` line arrives (the model is loaded). `Server.stop` sends SIGTERM and waits.
-Everything is bounded in time: a server that does not come up in time is killed.
+`start_server` runs `python -m diffusiond serve --port 0` through diffusiond.testing.harness
+(the process wrapper the tests use too) and returns once the `diffusiond: ready` line
+arrives (the model is loaded). `Server.stop` sends SIGTERM and waits. Everything is bounded
+in time: a server that does not come up in time is stopped. Unlike the tests, the benchmarks
+pass the caller's IMAGE_* settings on to the server.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import queue
 import signal
 import statistics
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO
 
-LISTENING_PREFIX = "diffusiond: listening on "
-READY_LINE = "diffusiond: ready"
+from diffusiond.testing import harness
+from diffusiond.testing.harness import ServerError, ServerProcess
+
 DEFAULT_HOME = Path("/tmp/bench-home")
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def bench_env() -> dict[str, str]:
-    """The environment for everything the benchmarks start: offline, nothing downloaded."""
-    env = dict(os.environ)
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
+Server = ServerProcess
+__all__ = ["Server", "ServerError", "start_server"]
 
 
 def stop_on_sigterm() -> None:
@@ -50,80 +41,6 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-class ServerError(RuntimeError):
-    """The server did not start, or did not become ready, in time."""
-
-
-class Server:
-    """A running diffusiond subprocess; use as a context manager or call `stop()`."""
-
-    def __init__(
-        self, process: subprocess.Popen[str], lines: queue.Queue[str | None], stderr: IO[str]
-    ) -> None:
-        self.process = process
-        self.url = ""
-        self._lines = lines
-        self._stderr = stderr
-        self.startup_s = 0.0
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def wait_for_line(self, match: str, deadline: float, *, prefix: bool = False) -> str:
-        """The first stdout line equal to (or starting with) `match`, before `deadline`."""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ServerError(f"no {match!r} line from the server in time{self._tail()}")
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                code = self.process.poll()
-                raise ServerError(f"the server exited (code {code}) before {match!r}{self._tail()}")
-            if line == match or (prefix and line.startswith(match)):
-                return line
-
-    def _tail(self) -> str:
-        self._stderr.flush()
-        self._stderr.seek(0)
-        text = self._stderr.read()[-3000:]
-        return f"\n--- server stderr (tail) ---\n{text}" if text else ""
-
-    def stop(self, timeout_s: float = 20.0) -> int:
-        """SIGTERM, then wait up to `timeout_s` (SIGKILL after that). Returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                print(f"server {self.pid} ignored SIGTERM for {timeout_s} s: killing it")
-                self.process.kill()
-                self.process.wait(5)
-        self._stderr.close()
-        return self.process.returncode
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
-    """Read the server's stdout to the end (so the pipe never fills), one line at a time."""
-    for raw in stream:
-        lines.put(raw.rstrip("\n"))
-    lines.put(None)
-
-
 def start_server(
     *,
     home: Path = DEFAULT_HOME,
@@ -134,45 +51,16 @@ def start_server(
     ready_timeout_s: float = 300.0,
 ) -> Server:
     """Start `diffusiond serve` on a free port and return once its model is loaded."""
-    command = [
-        sys.executable,
-        "-m",
-        "diffusiond",
-        "serve",
-        "--port",
-        "0",
-        "--home",
-        str(home),
-        "--log-level",
-        log_level,
-    ]
+    args = ["--home", str(home), "--log-level", log_level]
     if torch_threads is not None:
-        command += ["--torch-threads", str(torch_threads)]
-    command += list(extra_args)
-    started = time.monotonic()
-    stderr = tempfile.TemporaryFile(mode="w+", prefix="diffusiond-bench-stderr-")  # noqa: SIM115
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=bench_env(),
+        args += ["--torch-threads", str(torch_threads)]
+    return harness.start_server(
+        [*args, *extra_args],
+        harness.server_env(inherit_settings=True),
         cwd=ROOT,
+        listen_timeout_s=listen_timeout_s,
+        ready_timeout_s=ready_timeout_s,
     )
-    assert process.stdout is not None
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
-    server = Server(process, lines, stderr)
-    try:
-        line = server.wait_for_line(LISTENING_PREFIX, started + listen_timeout_s, prefix=True)
-        server.url = line.removeprefix(LISTENING_PREFIX).strip()
-        server.wait_for_line(READY_LINE, started + ready_timeout_s)
-    except BaseException:
-        server.stop()
-        raise
-    server.startup_s = time.monotonic() - started
-    return server
 
 
 # -- other load on the machine ----------------------------------------------------------

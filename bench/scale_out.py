@@ -28,9 +28,8 @@ if __package__ in (None, ""):  # run as `python bench/scale_out.py`
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from tests.support.broker import deploy
-
 from bench._server import DEFAULT_HOME
+from diffusiond.testing.deployment import deploy
 
 
 def run(workers: int, args: argparse.Namespace) -> tuple[float, list[float]]:

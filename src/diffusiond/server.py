@@ -19,7 +19,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from diffusiond.api.app import ApiConfig, create_app
-from diffusiond.api.live import JobEvents
+from diffusiond.api.events import JobEvents
 from diffusiond.backends.base import Backend
 from diffusiond.engine.engine import Engine
 from diffusiond.errors import ModelLoadError, SettingsError

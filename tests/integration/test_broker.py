@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from diffusiond.testing.waits import eventually
 from tests.support.broker import Deployment, deploy
 from tests.support.server import TERMINAL, poll_until
 
@@ -52,14 +53,14 @@ def nodes(cluster: Deployment) -> Iterator[tuple[httpx.Client, httpx.Client]]:
 
 def wait_all_idle(cluster: Deployment, timeout_s: float = 60) -> None:
     """Until no SAQ job is queued or active (a cancelled job's worker has finished it)."""
-    deadline = time.monotonic() + timeout_s
+    records: list[dict[str, Any]] = []
+
+    def idle() -> bool:
+        records[:] = [json.loads(raw) for raw in map(redis.get, redis.keys("saq:job:*")) if raw]
+        return not [r for r in records if r.get("status", "new") in {"new", "queued", "active"}]
+
     with cluster.redis.client() as redis:
-        while True:
-            records = [json.loads(raw) for raw in map(redis.get, redis.keys("saq:job:*")) if raw]
-            if not [r for r in records if r.get("status", "new") in {"new", "queued", "active"}]:
-                return
-            assert time.monotonic() < deadline, records
-            time.sleep(0.05)
+        eventually(idle, timeout=timeout_s, interval=0.05, message=lambda: str(records))
 
 
 def submit(client: httpx.Client, **fields: Any) -> str:
@@ -116,16 +117,16 @@ def test_two_jobs_run_at_once_on_the_two_workers(
 ) -> None:
     a, b = nodes
     first, second = submit(a, **MEDIUM), submit(b, **MEDIUM)
-    deadline = time.monotonic() + 60
-    while True:
-        states = [
+    states: list[str] = []
+
+    def both_running() -> bool:
+        states[:] = [
             a.get(f"/v1/images/generations/{job}").json()["status"] for job in (first, second)
         ]
-        if states == ["in_progress", "in_progress"]:
-            break
         assert not set(states) & TERMINAL, f"one finished before the other started: {states}"
-        assert time.monotonic() < deadline, states
-        time.sleep(0.01)
+        return states == ["in_progress", "in_progress"]
+
+    eventually(both_running, timeout=60, interval=0.01, message=lambda: str(states))
     health = b.get("/health").json()
     assert health["activeGenerations"] == 2
     assert health["busy"] is True
@@ -185,10 +186,12 @@ def test_cancel_through_the_other_node_stops_the_worker_within_steps(
     assert response.json() == {"id": job_id, "status": "cancelled"}
     assert b.delete(f"/v1/images/generations/{job_id}").status_code == 200  # idempotent
     # The worker stops at its next step (a 2048x2048 step takes seconds on one thread).
-    deadline = time.monotonic() + 30
-    while saq_record(cluster, job_id).get("status") not in {"complete", "aborted"}:
-        assert time.monotonic() < deadline, saq_record(cluster, job_id)
-        time.sleep(0.05)
+    eventually(
+        lambda: saq_record(cluster, job_id).get("status") in {"complete", "aborted"},
+        timeout=30,
+        interval=0.05,
+        message=lambda: str(saq_record(cluster, job_id)),
+    )
     finished = saq_record(cluster, job_id)["completed"] / 1000
     assert finished - cancelled_at < 20
     for client in (a, b):

@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 from PIL import Image
 
+from diffusiond.testing.waits import eventually
 from tests.support.images import png_claiming
 from tests.support.server import REPO_ROOT, ServerProcess, poll_until, server_env, wait_idle
 
@@ -172,11 +172,12 @@ def test_sigint_cancels_the_job_on_the_server_and_exits_130(
                 return True
             return False
 
-        deadline = time.monotonic() + 60
-        while not running():
-            assert time.monotonic() < deadline, "the CLI's job never started"
+        def cli_job_running() -> bool:
             assert process.poll() is None, process.communicate()
-            time.sleep(0.02)  # a poll interval; the job's start is only visible by polling
+            return running()
+
+        # The job's start is only visible by polling.
+        eventually(cli_job_running, timeout=60, message="the CLI's job never started")
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     finally:

@@ -5,23 +5,21 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
 from diffusiond.client import Client, png_parameters
+from diffusiond.testing.requests import LONG, SMALL, submit
+from diffusiond.testing.sse import read_events
 from tests.support.server import REPO_ROOT, ServerProcess, poll_until, start_server, wait_idle
 
-SMALL: dict[str, Any] = {"prompt": "a small job", "width": 64, "height": 64, "steps": 2}
-LONG: dict[str, Any] = {"prompt": "a long job", "width": 2048, "height": 2048, "steps": 150}
 HEARTBEAT_MS = 300
 DIFFUSIOND = (sys.executable, "-m", "diffusiond")
 
@@ -40,47 +38,6 @@ def http(live: ServerProcess) -> Iterator[httpx.Client]:
         wait_idle(client)
         yield client
         wait_idle(client)
-
-
-def submit(http: httpx.Client, body: dict[str, Any], **headers: str) -> str:
-    response = http.post("/v1/images/generations", json=body, headers=headers)
-    assert response.status_code == 201, response.text
-    job_id: str = response.json()["id"]
-    return job_id
-
-
-class Event:
-    def __init__(self, fields: dict[str, str], comments: list[str]) -> None:
-        self.id = int(fields["id"]) if "id" in fields else None
-        self.name = fields.get("event", "message")
-        self.data: dict[str, Any] = json.loads(fields["data"]) if "data" in fields else {}
-        self.comments = comments
-
-
-def read_events(
-    http: httpx.Client, job_id: str, last_event_id: int | None = None, **headers: str
-) -> list[Event]:
-    """Every event of the stream until the server closes it."""
-    if last_event_id is not None:
-        headers["Last-Event-ID"] = str(last_event_id)
-    events: list[Event] = []
-    url = f"/v1/images/generations/{job_id}/events"
-    with http.stream("GET", url, headers=headers, timeout=120) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        fields: dict[str, str] = {}
-        comments: list[str] = []
-        for line in response.iter_lines():
-            if line == "":
-                if fields:  # a block of only comments (a heartbeat) is not an event
-                    events.append(Event(fields, comments))
-                    fields, comments = {}, []
-            elif line.startswith(":"):
-                comments.append(line)
-            else:
-                name, _, value = line.partition(": ")
-                fields[name] = value
-    return events
 
 
 def test_events_stream_progress_then_the_final_state(http: httpx.Client) -> None:

@@ -6,7 +6,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from diffusiond.settings import Settings
+from diffusiond.testing.waits import eventually
 from tests.support.server import (
     REPO_ROOT,
     ServerProcess,
@@ -52,10 +52,11 @@ def test_terminal_jobs_expire_after_ttl_but_running_ones_never(
         seen = poll_until(client, job_id, interval_s=0.01)
         assert len(seen) > 5
         assert seen[-1]["status"] == "complete"
-        deadline = time.monotonic() + 30
-        while client.get(f"/v1/images/generations/{job_id}").status_code == 200:
-            assert time.monotonic() < deadline, "a terminal job outlived its TTL"
-            time.sleep(0.02)
+        eventually(
+            lambda: client.get(f"/v1/images/generations/{job_id}").status_code != 200,
+            timeout=30,
+            message="a terminal job outlived its TTL",
+        )
         gone = client.get(f"/v1/images/generations/{job_id}")
         assert gone.status_code == 404
         assert gone.json()["error"]["code"] == "NOT_FOUND"

@@ -76,3 +76,39 @@ class FakeBackend:
         if spec.seed != self.blank_on_seed:
             picture.putpixel((0, 0), (255, 255, 255))  # not one flat colour
         return picture
+
+
+class GatedBackend(FakeBackend):
+    """A FakeBackend whose diffusion steps each wait for a permit: a test says how far a job
+    may go (`allow(n)`, or `open()` for the rest), and waits for it with `steps_done`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._permits = threading.Semaphore(0)
+        self._opened = threading.Event()
+        self._done_lock = threading.Lock()
+        self.steps_done = 0
+
+    def allow(self, steps: int) -> None:
+        self._permits.release(steps)
+
+    def open(self) -> None:
+        self._opened.set()
+        self._permits.release()  # wake the step that waits now; later ones do not wait
+
+    def generate(
+        self,
+        spec: ImageSpec,
+        on_stage: StageCallback,
+        should_cancel: CancelCheck,
+        on_preview: PreviewCallback | None = None,
+    ) -> Image:
+        def gated(stage: Stage, step: int, total: int) -> None:
+            if stage is Stage.DIFFUSION and step > 0 and not self._opened.is_set():
+                self._permits.acquire(timeout=30)
+            on_stage(stage, step, total)
+            if stage is Stage.DIFFUSION and step > 0:
+                with self._done_lock:
+                    self.steps_done += 1
+
+        return super().generate(spec, gated, should_cancel, on_preview)

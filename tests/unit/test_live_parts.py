@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusiond.api.live import IdempotencyKeys, check_idempotency_key
+from diffusiond.api.idempotency import IdempotencyKeys, check_idempotency_key
 from diffusiond.backends.previews import latents_to_preview
 from diffusiond.client._protocol import EventReader
 from diffusiond.engine.batch import run_batch

@@ -8,16 +8,16 @@ Redis and run on worker processes.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Protocol
 
 from diffusiond.backends.base import BackendInfo
 from diffusiond.engine.engine import EngineStats
-from diffusiond.jobs.models import GenerationRequest, Job, JobStatus
+from diffusiond.jobs.models import GenerationRequest, Job, JobListener, JobStatus
 
 
 class JobSource(Protocol):
-    """Reads jobs, and tells listeners when one changes."""
+    """Reads jobs, and tells listeners when one changes or is deleted (`JobChanged`)."""
 
     def get(self, job_id: str) -> Job: ...
 
@@ -27,7 +27,7 @@ class JobSource(Protocol):
         self, statuses: Collection[JobStatus] | None = None, limit: int | None = None
     ) -> builtins.list[Job]: ...
 
-    def add_listener(self, listener: Callable[[Job, Job], None]) -> None: ...
+    def add_listener(self, listener: JobListener) -> None: ...
 
 
 class JobRunner(Protocol):

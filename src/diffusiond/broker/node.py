@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Collection
 from typing import Any, cast
 
 from redis.exceptions import RedisError
@@ -34,11 +34,9 @@ from diffusiond.broker.queue import (
 from diffusiond.engine.engine import EngineStats
 from diffusiond.errors import AlreadyTerminal, NotFound, ServerBusy
 from diffusiond.jobs.ids import new_generation_id
-from diffusiond.jobs.models import GenerationRequest, Job, JobStatus
+from diffusiond.jobs.models import GenerationRequest, Job, JobChanged, JobListener, JobStatus
 
 log = logging.getLogger(__name__)
-
-Listener = Callable[[Job, Job], None]
 
 _CACHED_TERMINAL = 16
 
@@ -54,14 +52,13 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 'ok'
 """
 
-# What a notification says of a job: enough for JobEvents to tell a status change.
+# What a notification says of a job: enough to tell a status change.
 _COARSE = {
     Status.NEW.value: JobStatus.PENDING,
     Status.QUEUED.value: JobStatus.PENDING,
     Status.ACTIVE.value: JobStatus.IN_PROGRESS,
     Status.ABORTING.value: JobStatus.IN_PROGRESS,
 }
-_PLACEHOLDER = GenerationRequest(prompt="?")
 _WORKER_FIELDS = ("host", "pid", "backend", "model", "device", "dtype")
 
 
@@ -74,18 +71,19 @@ class BrokerRegistry:
 
     Listeners hear of changes through Redis pub/sub: SAQ publishes a job's status on its
     own channel at every write (every progress step, start, end, abort). The notification
-    carries the id and a coarse status only (`JobEvents` needs no more: it re-reads the
-    job); no API node polls Redis for changes.
+    carries the id and a coarse status only, enough for a `JobChanged` (a listener that
+    needs more re-reads the job); no API node polls Redis for changes. Redis expires
+    finished jobs on its own, so no deletion is reported.
     """
 
     def __init__(self, bridge: LoopThread, queue: RedisQueue) -> None:
         self._bridge = bridge
         self._queue = queue
-        self._listeners: list[Listener] = []
+        self._listeners: list[JobListener] = []
         self._statuses: dict[str, JobStatus] = {}
         self._terminal: OrderedDict[str, Job] = OrderedDict()
 
-    def add_listener(self, listener: Listener) -> None:
+    def add_listener(self, listener: JobListener) -> None:
         self._listeners.append(listener)
 
     def get(self, job_id: str) -> Job:
@@ -154,10 +152,9 @@ class BrokerRegistry:
         before = self._statuses.pop(job_id, JobStatus.PENDING)
         if not after.is_terminal():
             self._statuses[job_id] = after
-        old = Job(job_id, _PLACEHOLDER, before, 0, 0)
-        new = Job(job_id, _PLACEHOLDER, after, 0, 0)
+        change = JobChanged(job_id, status_changed=before is not after)
         for listener in self._listeners:
-            listener(old, new)
+            listener(change)
 
 
 class BrokerEngine:

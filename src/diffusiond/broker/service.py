@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from starlette.applications import Starlette
 
 from diffusiond.api.app import ApiConfig, create_app
-from diffusiond.api.live import JobEvents
+from diffusiond.api.events import JobEvents
 from diffusiond.broker.bridge import LoopThread
 from diffusiond.broker.node import BrokerEngine, BrokerRegistry
 from diffusiond.broker.queue import JobOptions, open_queue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -158,3 +159,19 @@ class Job:
     result: Result | None = None
     error: JobError | None = None
     version: int = 0  # bumped by every change: the id of a server-sent event
+
+
+@dataclass(frozen=True)
+class JobChanged:
+    """What a registry tells its listeners: which job changed, and how.
+
+    `status_changed` says the job moved to another state (so queue positions may have
+    moved too); `deleted` says the job is gone (swept after its TTL, or evicted).
+    """
+
+    job_id: str
+    status_changed: bool = False
+    deleted: bool = False
+
+
+JobListener = Callable[[JobChanged], None]

@@ -17,7 +17,9 @@ from diffusiond.jobs.models import (
     ErrorCode,
     GenerationRequest,
     Job,
+    JobChanged,
     JobError,
+    JobListener,
     JobStatus,
     Progress,
     Result,
@@ -74,7 +76,7 @@ class GenerationRegistry:
         self._max_result_bytes = max_result_bytes
         self._max_jobs = max_jobs
         self._lock = threading.Lock()
-        self._listeners: list[Callable[[Job, Job], None]] = []
+        self._listeners: list[JobListener] = []
         # Bytes of each complete job's images, in the order the jobs completed.
         self._result_bytes: OrderedDict[str, int] = OrderedDict()
         completed = [job for job in self._store.oldest_first() if job.result is not None]
@@ -86,9 +88,9 @@ class GenerationRegistry:
         for job in sorted(ended, key=lambda job: job.updated_at):
             self._ended[job.id] = None
 
-    def add_listener(self, listener: Callable[[Job, Job], None]) -> None:
-        """Call `listener(before, after)` on every change, in order, under the registry's
-        lock: it must be quick and must not call back into the registry."""
+    def add_listener(self, listener: JobListener) -> None:
+        """Call `listener(JobChanged(...))` on every change and deletion, in order, under
+        the registry's lock: it must be quick and must not call back into the registry."""
         self._listeners.append(listener)
 
     def create(self, request: GenerationRequest) -> Job:
@@ -251,7 +253,13 @@ class GenerationRegistry:
         existed = self._store.delete(job_id)  # first: a failed delete keeps the accounting
         self._result_bytes.pop(job_id, None)
         self._ended.pop(job_id, None)
+        if existed:
+            self._notify(JobChanged(job_id, deleted=True))
         return existed
+
+    def _notify(self, change: JobChanged) -> None:
+        for listener in self._listeners:
+            listener(change)
 
     def _note_end(self, job: Job) -> Job:
         if job.status.is_terminal():
@@ -324,8 +332,7 @@ class GenerationRegistry:
             self._store.put(updated)
         else:
             self._store.put_progress(updated)
-        for listener in self._listeners:
-            listener(job, updated)
+        self._notify(JobChanged(job.id, status_changed=target is not job.status))
         if target is not job.status:
             # Time in the state it left: waiting when it starts, running when it ends.
             since = job.started_at if job.started_at is not None else job.created_at
