@@ -8,12 +8,14 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import redis
+from typing import TYPE_CHECKING
 
 from diffusiond.testing.harness import ServerProcess, launch, server_env, start_server
 from diffusiond.testing.requests import LONG_PIXELS
 from diffusiond.testing.waits import eventually
+
+if TYPE_CHECKING:  # the redis client is the broker extra's: imported where it is used
+    import redis
 
 # Short enough that a killed worker's job ends within seconds, long enough for a loaded CPU.
 TEST_BROKER_ENV = {"DIFFUSIOND_BROKER_HEARTBEAT_S": "3", "DIFFUSIOND_BROKER_SWEEP_S": "1"}
@@ -36,6 +38,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        import redis
+
         return redis.Redis(host="127.0.0.1", port=self.port)
 
     def stop(self) -> None:
@@ -67,6 +71,7 @@ def start_redis(tmp: Path) -> RedisServer:
         stderr=subprocess.DEVNULL,
     )
     server = RedisServer(process, port)
+    import redis
 
     def answers() -> bool:
         assert process.poll() is None, "redis-server exited at start"
