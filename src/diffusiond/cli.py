@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from diffusiond import __version__
 from diffusiond.commands import add_client_commands, run_client_command
 from diffusiond.errors import ModelLoadError, SettingsError
-from diffusiond.settings import OPTIONS, Option, load_settings
+from diffusiond.settings import OPTIONS, Option, Settings, load_settings
 
 
 def _environment_help() -> str:
@@ -87,15 +87,29 @@ def _add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> 
             )
 
 
+def serve(settings: Settings) -> int:
+    """`diffusiond serve`: with --broker an API node of the queue (the model lives in the
+    workers), otherwise the single-process server with the model in it."""
+    from diffusiond.logs import configure_logging
+    from diffusiond.serving import refuse_unprotected_exposure
+
+    refuse_unprotected_exposure(settings)
+    configure_logging(settings.log_level, as_json=settings.log_json)
+    if settings.broker is not None:
+        from diffusiond.broker.service import serve_broker
+
+        return serve_broker(settings)
+    from diffusiond.server import serve as serve_in_process
+
+    return serve_in_process(settings)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         flags = {option.field: getattr(args, option.field) for option in OPTIONS}
         try:
-            settings = load_settings(os.environ, flags)
-            from diffusiond.server import serve
-
-            return serve(settings)
+            return serve(load_settings(os.environ, flags))
         except (SettingsError, ModelLoadError) as exc:
             print(f"diffusiond: cannot start: {exc.message}", file=sys.stderr)
             return 2

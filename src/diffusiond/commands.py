@@ -71,6 +71,9 @@ def add_client_commands(commands: Any) -> None:
         action="store_true",
         help="generate in this process with no server (built-in model, or DIFFUSIOND_MODEL)",
     )
+    generate.add_argument(
+        "--backend", default=None, help="with --local: as serve --backend (DIFFUSIOND_BACKEND)"
+    )
     _add_server_flag(generate)
 
     status = commands.add_parser("status", help="show one generation")
@@ -222,11 +225,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _generate_local(args: argparse.Namespace) -> int:
+    from diffusiond.errors import ModelLoadError, SettingsError
     from diffusiond.local import generate_locally
 
+    params = _generation_params(args)
     try:
         with progress_bar() as update:
-            job_id, images = generate_locally(on_progress=update, **_generation_params(args))
+            job_id, images = generate_locally(on_progress=update, backend=args.backend, **params)
+    except (SettingsError, ModelLoadError) as exc:
+        raise UsageError(exc.message) from None
     except KeyboardInterrupt:
         _say("diffusiond: interrupted")
         return EXIT_INTERRUPTED

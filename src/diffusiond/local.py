@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
-from pathlib import PurePath
 
 import orjson
 
 from diffusiond.api.schemas import parse_generation_request
+from diffusiond.backends.factory import make_backend
+from diffusiond.client.errors import GenerationFailedError
 from diffusiond.client.models import GeneratedImage, Progress
-from diffusiond.engine.batch import image_recipe, run_batch
-from diffusiond.imaging import encode_png
+from diffusiond.engine.run import Completed, Failed, JobRun, Pace, load_backend, model_name
 from diffusiond.jobs import models
 from diffusiond.settings import load_settings
 
@@ -30,11 +29,15 @@ def generate_locally(
     sampler: str,
     count: int,
     on_progress: Callable[[Progress], object],
+    backend: str | None = None,
 ) -> tuple[str, list[GeneratedImage]]:
-    """Validate like the server, draw with the configured model, return (run id, images)."""
-    from diffusiond.backends.diffusers_backend import DiffusersBackend
+    """Validate like the server, draw with the configured backend and model (the run core of
+    diffusiond.engine.run, as a server would), return (run id, images).
 
-    settings = load_settings(os.environ, {})
+    `backend` is --backend (a flag wins over DIFFUSIOND_BACKEND). Raises
+    `GenerationFailedError` when the generation fails.
+    """
+    settings = load_settings(os.environ, {"backend": backend})
     body = {
         "prompt": prompt,
         "negativePrompt": negative_prompt,
@@ -47,15 +50,8 @@ def generate_locally(
         "count": count,
     }
     request = parse_generation_request(orjson.dumps(body), max_batch=settings.max_batch)
-    backend = DiffusersBackend(
-        model_path=settings.model,
-        home=settings.home,
-        device=settings.device,
-        torch_threads=settings.torch_threads,
-        dtype=settings.dtype,
-        model_config=settings.model_config,
-    )
-    backend.load()
+    drawer = make_backend(settings)
+    model = model_name(load_backend(drawer))
 
     def report(progress: models.Progress) -> None:
         on_progress(
@@ -66,17 +62,14 @@ def generate_locally(
                 progress.percentage,
                 progress.current_image,
                 progress.total_images,
+                progress.eta_ms,
             )
         )
 
-    model = PurePath(backend.info().model).name
-    images, _timings = run_batch(
-        backend,
-        request,
-        report=report,
-        should_cancel=threading.Event().is_set,
-        encode=encode_png,
-        recipe=lambda spec: image_recipe(spec, model),
-    )
     run_id = f"local_{time.time_ns() // 1_000_000}"
-    return run_id, [GeneratedImage(i.png, i.seed, i.width, i.height) for i in images]
+    run = JobRun(run_id, request, pace=Pace(), on_progress=report)
+    outcome = run.run(drawer, model=model, preview_encoder=None)
+    if isinstance(outcome, Failed):
+        raise GenerationFailedError(outcome.error.message, code=outcome.error.code.value)
+    assert isinstance(outcome, Completed)  # nothing cancels a local run
+    return run_id, [GeneratedImage(i.png, i.seed, i.width, i.height) for i in outcome.result.images]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from PIL.Image import Image
 
 from diffusiond.engine.engine import Engine
 from diffusiond.errors import AlreadyTerminal, ServerBusy, ServerNotReady
@@ -224,14 +225,19 @@ def test_shutdown_cancels_what_runs(registry: GenerationRegistry, backend: FakeB
     engine = Engine(registry, backend, max_concurrent=1, encode=lambda image, text: b"png")
     engine.start()
     engine.load_model()
+    watcher = Watcher(registry)
     backend.holding = True
     job = engine.submit(REQUEST)
     assert backend.at_step_one.wait(10)
-    started = time.monotonic()
-    backend.hold.set()
-    engine.shutdown()
-    assert time.monotonic() - started < 10
-    assert registry.get(job.id).status is JobStatus.CANCELLED
+    # The job is still held at step 1 while shutdown() runs: only shutdown can end it.
+    stopper = threading.Thread(target=engine.shutdown)
+    stopper.start()
+    assert watcher.wait_terminal(job.id).status is JobStatus.CANCELLED
+    backend.hold.set()  # the step ends; the generation must see its cancel token
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert backend.stopped_at == 1  # stopped at its next step, not drawn to the end
+    assert backend.drawn == []
 
 
 @pytest.fixture
@@ -300,22 +306,61 @@ def test_drain_past_the_grace_cancels(
     assert registry.get(waiting.id).status is JobStatus.CANCELLED
 
 
-def test_resumed_jobs_run_first(
-    queued_engine: Engine, backend: FakeBackend, registry: GenerationRegistry
-) -> None:
+def test_resumed_jobs_run_first(registry: GenerationRegistry, backend: FakeBackend) -> None:
+    engine = Engine(registry, backend, max_concurrent=1, max_queue=2, encode=lambda i, t: b"png")
+    engine.start()
     watcher = Watcher(registry)
-    earlier = [registry.create(GenerationRequest(prompt="old", seed=s, steps=1)) for s in (7, 8)]
-    queued_engine.resume(earlier)
-    new = queued_engine.submit(GenerationRequest(prompt="new", seed=9, steps=1))
-    assert watcher.wait_terminal(new.id).status is JobStatus.COMPLETE
-    assert [spec.seed for spec in backend.drawn] == [7, 8, 9]
+    try:
+        earlier = [
+            registry.create(GenerationRequest(prompt="old", seed=n, steps=1)) for n in (7, 8)
+        ]
+        engine.resume(earlier)  # as the server does: before the model is loaded
+        assert [engine.queue_position(job.id) for job in earlier] == [1, 2]
+        engine.load_model()
+        # The first POST once the engine is ready: it must not jump ahead of the old jobs.
+        new = engine.submit(GenerationRequest(prompt="new", seed=9, steps=1))
+        assert watcher.wait_terminal(new.id).status is JobStatus.COMPLETE
+        assert [spec.seed for spec in backend.drawn] == [7, 8, 9]
+    finally:
+        engine.shutdown()
 
 
-def test_eta_uses_this_jobs_pace_then_the_history(engine: Engine) -> None:
-    assert engine._eta_ms(0.0, 0.0, 1000) is None  # nothing to go by yet
-    assert engine._eta_ms(50.0, 2000.0, 1000) == 2000  # half done in 2 s: 2 s left
-    engine._learn_pace(4000, 1000)  # 4 ms per unit of work
-    assert engine._eta_ms(0.0, 0.0, 1000) == 4000
-    # Early on the history weighs most; from 25 % the job's own pace alone.
-    assert engine._eta_ms(10.0, 100.0, 1000) == round(0.4 * 900 + 0.6 * 3600)
-    assert engine._eta_ms(50.0, 2000.0, 1000) == 2000
+def test_no_job_starts_before_the_model_is_loaded(registry: GenerationRegistry) -> None:
+    class SlowLoad(FakeBackend):
+        """Its load lasts until a generation starts, or 0.5 s: a job that started during the
+        load is caught in the act (a bounded wait: what is tested is that nothing comes)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.loading = False
+            self.generating = threading.Event()
+            self.generated_while_loading = False
+
+        def load(self) -> None:
+            self.loading = True
+            self.generating.wait(0.5)
+            self.loading = False
+
+        def generate(self, *args: Any, **kwargs: Any) -> Image:
+            self.generated_while_loading |= self.loading
+            self.generating.set()
+            return super().generate(*args, **kwargs)
+
+    backend = SlowLoad()
+    engine = Engine(registry, backend, max_concurrent=2, encode=lambda i, t: b"png")
+    engine.start()
+    watcher = Watcher(registry)
+    try:
+        restored = registry.create(GenerationRequest(prompt="old", seed=3, steps=1))
+        engine.resume([restored])
+        engine.load_model()
+        assert watcher.wait_terminal(restored.id).status is JobStatus.COMPLETE
+        assert backend.generated_while_loading is False
+    finally:
+        engine.shutdown()
+
+
+def test_resume_after_the_load_is_refused(engine: Engine, registry: GenerationRegistry) -> None:
+    late = registry.create(GenerationRequest(prompt="old", seed=3, steps=1))
+    with pytest.raises(RuntimeError, match="before load_model"):
+        engine.resume([late])

@@ -31,7 +31,9 @@ from diffusiond.broker.queue import (
     JobOptions,
     cancel_key,
 )
+from diffusiond.engine.admission import Admission
 from diffusiond.engine.engine import EngineStats
+from diffusiond.engine.run import retry_after_s
 from diffusiond.errors import AlreadyTerminal, NotFound, ServerBusy
 from diffusiond.jobs.ids import new_generation_id
 from diffusiond.jobs.models import GenerationRequest, Job, JobChanged, JobListener, JobStatus
@@ -157,7 +159,7 @@ class BrokerRegistry:
             listener(change)
 
 
-class BrokerEngine:
+class BrokerEngine(Admission):
     """Admission, cancel and health over the shared queue.
 
     A job is admitted while fewer than (live workers + IMAGE_MAX_QUEUE) jobs are queued or
@@ -174,12 +176,11 @@ class BrokerEngine:
         options: JobOptions,
         max_queue: int,
     ) -> None:
+        super().__init__(max_queue)
         self._bridge = bridge
         self._queue = queue
         self._registry = registry
         self._options = options
-        self._max_queue = max_queue
-        self._draining = False
 
     # -- state --------------------------------------------------------------------------
 
@@ -190,14 +191,6 @@ class BrokerEngine:
     @property
     def load_error(self) -> str | None:
         return None
-
-    @property
-    def max_queue(self) -> int:
-        return self._max_queue
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
 
     def drain(self) -> None:
         self._draining = True
@@ -229,10 +222,8 @@ class BrokerEngine:
     # -- actions ------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> Job:
-        if self._draining:
-            raise ServerBusy(
-                "the server is shutting down and takes no new generations", retry_after_s=1
-            )
+        # This node is going away; other nodes may still admit: try again at once.
+        self._refuse_if_draining(lambda: retry_after_s([]))
         return self._bridge.call(self._submit(request))
 
     def cancel(self, job_id: str) -> Job:
@@ -244,7 +235,8 @@ class BrokerEngine:
         async with redis.lock(ADMISSION_LOCK, timeout=5, blocking_timeout=5):
             queued, active, workers = await self._counts()
             if queued + active >= workers + self._max_queue:
-                raise ServerBusy(self._busy_message(workers), retry_after_s=self._retry_after())
+                retry_after = retry_after_s(await self._time_left_ms())
+                raise ServerBusy(self._busy_message(workers), retry_after_s=retry_after)
             job = SaqJob(
                 function=JOB_FUNCTION,
                 kwargs={"request": request_to_json(request)},
@@ -322,9 +314,21 @@ class BrokerEngine:
         room = f", and all {self._max_queue} queue place(s) are taken" if self._max_queue else ""
         return f"all {workers} worker(s) are busy{room}"
 
-    @staticmethod
-    def _retry_after() -> int:
-        return 1
+    async def _time_left_ms(self) -> builtins.list[float | None]:
+        """Each running job's time left: the etaMs its worker last wrote, less the time
+        since it wrote it (engine/run.py says why an API node goes by this)."""
+        ids = await cast(
+            Awaitable[builtins.list[bytes]],
+            self._queue.redis.lrange(self._queue.namespace("active"), 0, -1),
+        )
+        records = await self._queue.redis.mget(ids) if ids else []
+        now = _now_ms()
+        left: builtins.list[float | None] = []
+        for record in records:
+            saq_job = self._queue.deserialize(record)
+            eta = ((saq_job.meta or {}).get("progress") or {}).get("eta") if saq_job else None
+            left.append(None if eta is None or saq_job is None else eta - (now - saq_job.touched))
+        return left
 
     async def sweep(self, interval_s: int) -> None:
         """End jobs of workers whose heartbeat lapsed, even when no worker is left to."""

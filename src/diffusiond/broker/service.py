@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
-import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
-import uvicorn
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 
@@ -21,6 +18,7 @@ from diffusiond.broker.bridge import LoopThread
 from diffusiond.broker.node import BrokerEngine, BrokerRegistry
 from diffusiond.broker.queue import JobOptions, open_queue
 from diffusiond.errors import SettingsError
+from diffusiond.serving import GracefulServer
 from diffusiond.settings import Settings
 
 log = logging.getLogger("diffusiond")
@@ -83,36 +81,18 @@ class BrokerService:
             self.bridge.stop()
 
     def run(self) -> int:
-        from diffusiond.server import _GracefulServer, bind_listening_socket
-
-        config = uvicorn.Config(
-            self.app(),
-            host=self.settings.host,
-            port=self.settings.port,
-            log_level=self.settings.log_level,
-            access_log=self.settings.log_level == "debug",
-            log_config=None,
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-        )
-        server = _GracefulServer(config, lambda _signal: self._stop(server))
-        sock = bind_listening_socket(self.settings.host, self.settings.port)
-        host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
+        server = GracefulServer(self.app(), self.settings, lambda _signal: self._stop(server))
         print(f"diffusiond: API node of the queue at {redacted(self.settings.broker)}", flush=True)
-        print(f"diffusiond: listening on http://{shown}:{port}", flush=True)
-        for stop_signal in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(stop_signal, lambda *_: None)
-        asyncio.run(server.serve(sockets=[sock]))
+        server.run_until_stopped()
         return 0
 
-    def _stop(self, server: uvicorn.Server) -> None:
+    def _stop(self, server: GracefulServer) -> None:
         """Jobs run on the workers, not here: stop admitting, end the streams, stop."""
         self.engine.drain()
 
         def stop() -> None:
             self.events.close()
-            server.should_exit = True
+            server.stop()
 
         threading.Thread(target=stop, name="stop", daemon=True).start()
 
@@ -127,6 +107,7 @@ def redacted(url: str | None) -> str:
 
 
 def serve_broker(settings: Settings) -> int:
+    """Serve as an API node of the queue at `settings.broker` (`diffusiond serve --broker`)."""
     try:
         service = BrokerService(settings)
     except RedisError as exc:

@@ -1,24 +1,21 @@
 """`diffusiond worker`: a SAQ worker that loads the model once and runs one job at a time.
 
-The generation runs in a thread (the batch loop of diffusiond.engine.batch, as in the
-single-process engine) while the worker's event loop writes its progress into the SAQ
-record with `job.update()`: at every diffusion step (the latest progress only: a slow Redis
-never queues stale steps) and at least every third of the heartbeat while a long step or a
-decode runs, so a live worker is never swept. Each of those writes also reads the job's
-cancel mark; the per-step callback then stops the pipeline cooperatively at its next step.
-SAQ's own abort (which cancels the job's task) is honoured the same way.
+Each job is a `JobRun` (diffusiond.engine.run, the same run core as the single-process
+engine), drawn on a thread while the worker's event loop writes its latest progress into
+the SAQ record with `job.update()`: at every report (the latest only: a slow Redis never
+queues stale steps) and at least every third of the heartbeat while a long step or a decode
+runs, so a live worker is never swept. Each of those writes also reads the job's cancel mark;
+the per-step callback then stops the pipeline cooperatively at its next step. SAQ's own
+abort (which cancels the job's task) is honoured the same way. How this differs from the
+in-process engine, and why, is said once, in diffusiond.engine.run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import socket
-import threading
-import time
-from pathlib import PurePath
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -27,7 +24,8 @@ from saq.job import Job as SaqJob
 from saq.queue.redis import RedisQueue
 from saq.types import Context, PartialTimersDict
 
-from diffusiond.backends.base import Backend, GenerationCancelled, ImageSpec
+from diffusiond.backends.base import Backend
+from diffusiond.backends.factory import make_backend
 from diffusiond.broker.mapping import (
     CANCELLED_OUTCOME,
     Json,
@@ -37,62 +35,48 @@ from diffusiond.broker.mapping import (
     request_from_json,
 )
 from diffusiond.broker.queue import JOB_FUNCTION, cancel_key, open_queue
-from diffusiond.engine.batch import BatchFailed, image_recipe, run_batch
-from diffusiond.engine.engine import GenerationTimedOut
+from diffusiond.engine.run import (
+    Completed,
+    Failed,
+    JobRun,
+    Outcome,
+    Pace,
+    load_backend,
+    model_name,
+)
 from diffusiond.errors import SettingsError
-from diffusiond.imaging import encode_png, encode_preview
-from diffusiond.jobs.models import GeneratedImage, GenerationRequest, Progress, Result, StageTimings
+from diffusiond.jobs.models import Progress
 from diffusiond.memory import trim_heap
 from diffusiond.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[tuple[GeneratedImage, ...], StageTimings]
+
+def saq_outcome(outcome: Outcome) -> Json:
+    """The job function's return value for a run's outcome (see broker/mapping.py)."""
+    if isinstance(outcome, Completed):
+        return complete_outcome(outcome.result)
+    if isinstance(outcome, Failed):
+        return error_outcome(outcome.error)
+    return CANCELLED_OUTCOME
 
 
-class _Run:
-    """One job on this worker: the bridge between its generation thread and the loop."""
+class _Publisher:
+    """Carries one run's progress from its generation thread to the SAQ record."""
 
-    def __init__(self, job: SaqJob, queue: RedisQueue, timeout_ms: int) -> None:
+    def __init__(self, job: SaqJob, queue: RedisQueue) -> None:
         self.job = job
         self._queue = queue
-        self.cancelled = threading.Event()
-        self._timeout_ms = timeout_ms
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._lock = threading.Lock()
-        self._latest: Progress | None = None
         self._version = 0
-        self.started = time.monotonic()
 
-    # -- on the generation thread ----------------------------------------------------------
-
-    def report(self, progress: Progress) -> None:
-        with self._lock:
-            previous = self._latest
-            if (
-                progress.preview is None
-                and previous is not None
-                and previous.preview is not None
-                and previous.current_image == progress.current_image
-            ):
-                progress = dataclasses.replace(progress, preview=previous.preview)
-            self._latest = progress
+    def wake(self, _progress: Progress) -> None:
+        """On the generation thread: a new report is there to publish."""
         self._loop.call_soon_threadsafe(self._wake.set)
 
-    def should_stop(self) -> bool:
-        if self.cancelled.is_set():
-            return True
-        if self._timeout_ms and time.monotonic() - self.started > self._timeout_ms / 1000:
-            raise GenerationTimedOut(
-                f"timed out after {self._timeout_ms} ms (IMAGE_GENERATION_TIMEOUT_MS)"
-            )
-        return False
-
-    # -- on the worker's event loop -----------------------------------------------------------
-
-    async def follow(self, generation: asyncio.Future[Batch]) -> None:
-        """Publish progress and heartbeats, and look for a cancel, until the batch ends."""
+    async def follow(self, run: JobRun, generation: asyncio.Future[Outcome]) -> None:
+        """Publish progress and heartbeats, and look for a cancel, until the run ends."""
         beat_s = max(0.5, self.job.heartbeat / 3) if self.job.heartbeat else 5.0
         while not generation.done():
             woken: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
@@ -101,22 +85,17 @@ class _Run:
             woken.cancel()
             self._wake.clear()
             if not generation.done():
-                await self.publish()
+                await self.publish(run)
 
-    async def publish(self) -> None:
-        with self._lock:
-            progress = self._latest
+    async def publish(self, run: JobRun) -> None:
+        progress = run.progress_now()
         self._version += 1
         meta: dict[str, Any] = {"v": self._version}
-        fraction = 0.0
         if progress is not None:
-            elapsed_ms = (time.monotonic() - self.started) * 1000
-            percentage = progress.percentage
-            eta = round(elapsed_ms * (100 - percentage) / percentage) if percentage >= 1 else None
-            meta["progress"] = progress_to_json(dataclasses.replace(progress, eta_ms=eta))
-            fraction = percentage / 100
+            meta["progress"] = progress_to_json(progress)
         if await self._queue.redis.exists(cancel_key(self.job.key)):
-            self.cancelled.set()
+            run.cancel()
+        fraction = progress.percentage / 100 if progress is not None else 0.0
         await self.job.update(meta=meta, progress=fraction)
 
 
@@ -128,62 +107,45 @@ class WorkerRuntime:
         self._queue = queue
         self._backend = backend
         self._model = "?"
+        self._pace = Pace()
         # Published with the worker's info (SAQ's worker_info), read by /health on API nodes.
         self.metadata: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname()}
 
     async def startup(self, _ctx: Context) -> None:
-        started = time.monotonic()
-        await asyncio.to_thread(self._backend.load)
-        info = self._backend.info()
-        self._model = PurePath(info.model).name
+        info = await asyncio.to_thread(load_backend, self._backend)
+        self._model = model_name(info)
         self.metadata.update(
             backend=info.name, model=info.model, device=info.device, dtype=info.dtype
         )
-        log.info("model ready in %.1f s: %s", time.monotonic() - started, info)
         print("diffusiond: worker ready", flush=True)
 
     async def generate(self, ctx: Context, *, request: Json) -> Json:
         """SAQ's job function: one batch, returned as its outcome (never raised)."""
         job = ctx["job"]
-        run = _Run(job, self._queue, self._settings.generation_timeout_ms)
-        await run.publish()  # in_progress at once, and a first heartbeat
-        if run.cancelled.is_set():
+        publisher = _Publisher(job, self._queue)
+        run = JobRun(
+            job.key,
+            request_from_json(request),
+            pace=self._pace,
+            timeout_ms=self._settings.generation_timeout_ms,
+            on_progress=publisher.wake,
+        )
+        run.mark_started()
+        await publisher.publish(run)  # in_progress at once, and a first heartbeat
+        if run.cancelled:
             return CANCELLED_OUTCOME
         generation = asyncio.ensure_future(
-            asyncio.to_thread(self._batch, request_from_json(request), run)
+            asyncio.to_thread(run.run, self._backend, model=self._model)
         )
         try:
-            await run.follow(generation)
+            await publisher.follow(run, generation)
         except asyncio.CancelledError:  # SAQ's abort, or the worker stopping
-            run.cancelled.set()
+            run.cancel()
             await asyncio.wait({generation})  # the thread stops at its next step
             raise
         finally:
             trim_heap()
-        try:
-            images, timings = generation.result()
-        except GenerationCancelled:
-            log.info("job %s cancelled", job.key)
-            return CANCELLED_OUTCOME
-        except BatchFailed as failure:
-            log.warning("job %s failed: %r", job.key, failure.cause, exc_info=failure.cause)
-            return error_outcome(failure.to_job_error())
-        elapsed_ms = round((time.monotonic() - run.started) * 1000)
-        return complete_outcome(Result(images, elapsed_ms, timings=timings))
-
-    def _batch(self, request: GenerationRequest, run: _Run) -> Batch:
-        return run_batch(
-            self._backend,
-            request,
-            report=run.report,
-            should_cancel=run.should_stop,
-            encode=encode_png,
-            recipe=self._recipe,
-            encode_preview=encode_preview,
-        )
-
-    def _recipe(self, spec: ImageSpec) -> dict[str, str]:
-        return image_recipe(spec, self._model)
+        return saq_outcome(generation.result())
 
 
 async def _work(settings: Settings, backend: Backend) -> None:
@@ -224,8 +186,6 @@ def run_worker(settings: Settings) -> int:
             "diffusiond worker needs the queue to take jobs from: --broker redis://HOST:PORT/DB "
             "(or DIFFUSIOND_BROKER)"
         )
-    from diffusiond.server import make_backend
-
     # The model loads in this process (the worker's startup hook), never in a parent that
     # forks: CUDA does not survive a fork.
     asyncio.run(_work(settings, make_backend(settings)))
