@@ -37,6 +37,7 @@ class Service:
             ttl_ms=settings.result_ttl_ms,
             store=store,
             max_result_bytes=settings.max_result_bytes,
+            max_jobs=settings.max_jobs,
         )
         self.engine = Engine(
             self.registry,

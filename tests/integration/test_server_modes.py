@@ -40,6 +40,23 @@ def short_ttl_server(model_home: Path) -> Iterator[ServerProcess]:
     assert process.stop() == 0, process.text()
 
 
+def test_the_server_keeps_at_most_max_jobs_dropping_the_first_ended(model_home: Path) -> None:
+    process = start_server(model_home, "--max-jobs", "3")
+    try:
+        with process.client() as client:
+            ids = []
+            for _ in range(6):
+                answer = client.post("/v1/images/generations", json={"prompt": "x" * 5000})
+                assert answer.status_code == 201, answer.text
+                ids.append(answer.json()["id"])
+                assert client.delete(f"/v1/images/generations/{ids[-1]}").status_code == 200
+            kept = [job["id"] for job in client.get("/v1/images/generations").json()["generations"]]
+            assert sorted(kept) == sorted(ids[-3:])
+            assert client.get(f"/v1/images/generations/{ids[0]}").status_code == 404
+    finally:
+        assert process.stop() == 0, process.text()
+
+
 def test_terminal_jobs_expire_after_ttl_but_running_ones_never(
     short_ttl_server: ServerProcess,
 ) -> None:
