@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from diffusiond.errors import InvalidRequest
-from diffusiond.images_in import ImageRejected, read_image
+from diffusiond.images_in import ImageRejected, open_checked
 from diffusiond.jobs.models import DEFAULT_MASK_BLUR, DEFAULT_STRENGTH, EditInputs, InputImage
 
 # How many times the output's pixel budget an input image may have: it is resized down.
@@ -70,10 +70,27 @@ def read_input_image(field: str, value: object, max_pixels: int) -> InputImage:
     data = decode_base64_image(field, value)
     limit = max_pixels * INPUT_PIXELS_FACTOR
     try:
-        picture = read_image(data, max_pixels=limit, mode="RGBA")
+        width, height = _upright_size(data, limit)
     except ImageRejected as exc:
         raise _refuse(field, IMAGE_RULE + f" of at most {limit} pixels", str(exc)) from None
-    return InputImage(data, picture.width, picture.height)
+    return InputImage(data, width, height)
+
+
+# EXIF orientations that turn the picture by 90 degrees (its width becomes its height).
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+_ORIENTATION = 0x0112
+
+
+def _upright_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """The size of the image once turned by its EXIF orientation, after decoding it all
+    (so a truncated or corrupt one is refused now); no turned or converted copy is made,
+    the backend reads it again (as a broker worker must)."""
+    with open_checked(data, max_pixels=max_pixels) as picture:
+        picture.load()
+        width, height = picture.size
+        if picture.getexif().get(_ORIENTATION) in _QUARTER_TURNS:
+            return height, width
+        return width, height
 
 
 def _strength(value: object) -> float:
