@@ -207,3 +207,27 @@ def test_an_img2img_job_through_the_broker(
             assert totals <= {5}
     finally:
         assert cluster.stop() == []
+
+
+def test_an_edit_job_shows_previews_and_cancels_within_its_steps(client: httpx.Client) -> None:
+    body = {
+        "prompt": "p",
+        "initImage": png_b64(noise(512, 512, seed=5)),
+        "strength": 1.0,
+        "steps": 150,
+        "previewEvery": 1,
+    }
+    response = client.post(GENERATIONS, json=body)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    seen = poll_until(
+        client,
+        job_id,
+        lambda state: state["status"] == "in_progress"
+        and "preview" in state["progress"]
+        and state["progress"]["currentStep"] >= 1,
+    )
+    assert seen[-1]["progress"]["totalSteps"] == 150
+    assert client.delete(f"{GENERATIONS}/{job_id}").json()["status"] == "cancelled"
+    final = poll_until(client, job_id)[-1]
+    assert final["status"] == "cancelled"
