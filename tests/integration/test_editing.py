@@ -223,9 +223,11 @@ def test_an_edit_job_shows_previews_and_cancels_within_its_steps(client: httpx.C
     seen = poll_until(
         client,
         job_id,
-        lambda state: state["status"] == "in_progress"
-        and "preview" in state["progress"]
-        and state["progress"]["currentStep"] >= 1,
+        lambda state: (
+            state["status"] == "in_progress"
+            and "preview" in state["progress"]
+            and state["progress"]["currentStep"] >= 1
+        ),
     )
     assert seen[-1]["progress"]["totalSteps"] == 150
     assert client.delete(f"{GENERATIONS}/{job_id}").json()["status"] == "cancelled"
