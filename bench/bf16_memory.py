@@ -62,35 +62,66 @@ def _capped(entries: int) -> dict[str, str]:
 
 CONFIGS = (
     Config("torch", "bf16, PyTorch's defaults (both caches 1024)", TORCH_DEFAULTS),
-    Config("diffusiond", "bf16, memory.bound_kernel_caches() (the server's start-up)",
-           child_args=("--bounded",)),
+    Config(
+        "diffusiond",
+        "bf16, memory.bound_kernel_caches() (the server's start-up)",
+        child_args=("--bounded",),
+    ),
     Config("float32", "float32, PyTorch's defaults", TORCH_DEFAULTS, ("--dtype", "float32")),
-    Config("nocache", "bf16, oneDNN cache 0, ideep cache 1",
-           {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "LRU_CACHE_CAPACITY": "1"}),
-    Config("onednn0", "bf16, oneDNN cache 0, ideep 1024",
-           {**TORCH_DEFAULTS, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}),
-    Config("ideep1", "bf16, oneDNN 1024, ideep cache 1",
-           {**TORCH_DEFAULTS, "LRU_CACHE_CAPACITY": "1"}),
+    Config(
+        "nocache",
+        "bf16, oneDNN cache 0, ideep cache 1",
+        {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "LRU_CACHE_CAPACITY": "1"},
+    ),
+    Config(
+        "onednn0",
+        "bf16, oneDNN cache 0, ideep 1024",
+        {**TORCH_DEFAULTS, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"},
+    ),
+    Config(
+        "ideep1", "bf16, oneDNN 1024, ideep cache 1", {**TORCH_DEFAULTS, "LRU_CACHE_CAPACITY": "1"}
+    ),
     Config("cap64", "bf16, both caches 64", _capped(64)),
     Config("cap128", "bf16, both caches 128", _capped(128)),
-    Config("split256", "bf16, oneDNN cache 256, ideep cache 1",
-           {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "1"}),
-    Config("split512", "bf16, oneDNN cache 512, ideep cache 1",
-           {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512", "LRU_CACHE_CAPACITY": "1"}),
+    Config(
+        "split256",
+        "bf16, oneDNN cache 256, ideep cache 1",
+        {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "1"},
+    ),
+    Config(
+        "split512",
+        "bf16, oneDNN cache 512, ideep cache 1",
+        {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512", "LRU_CACHE_CAPACITY": "1"},
+    ),
     Config("cap256", "bf16, both caches 256", _capped(256)),
     Config("cap512", "bf16, both caches 512", _capped(512)),
-    Config("jemalloc", "bf16, PyTorch's defaults, jemalloc preloaded",
-           {**TORCH_DEFAULTS, "LD_PRELOAD": str(JEMALLOC),
-            "MALLOC_CONF": "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"},
-           needs=JEMALLOC),
-    Config("tcmalloc", "bf16, PyTorch's defaults, tcmalloc preloaded",
-           {**TORCH_DEFAULTS, "LD_PRELOAD": str(TCMALLOC)}, needs=TCMALLOC),
-    Config("chlast", "bf16, PyTorch's defaults, UNet and VAE channels-last",
-           TORCH_DEFAULTS, ("--channels-last",)),
+    Config(
+        "jemalloc",
+        "bf16, PyTorch's defaults, jemalloc preloaded",
+        {
+            **TORCH_DEFAULTS,
+            "LD_PRELOAD": str(JEMALLOC),
+            "MALLOC_CONF": "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0",
+        },
+        needs=JEMALLOC,
+    ),
+    Config(
+        "tcmalloc",
+        "bf16, PyTorch's defaults, tcmalloc preloaded",
+        {**TORCH_DEFAULTS, "LD_PRELOAD": str(TCMALLOC)},
+        needs=TCMALLOC,
+    ),
+    Config(
+        "chlast",
+        "bf16, PyTorch's defaults, UNet and VAE channels-last",
+        TORCH_DEFAULTS,
+        ("--channels-last",),
+    ),
 )
-DEFAULT_CONFIGS = (
-    "torch,diffusiond,float32,nocache,onednn0,ideep1,cap64,cap256,cap512,jemalloc,tcmalloc,chlast"
-)
+DEFAULT_CONFIGS = ",".join((
+    *("torch", "diffusiond", "float32", "nocache", "onednn0", "ideep1", "cap64", "cap128"),
+    *("cap256", "cap512", "split256", "split512", "jemalloc", "tcmalloc", "chlast"),
+))  # fmt: skip
 
 # -- the child: one configuration in a fresh process --------------------------------------
 
@@ -98,8 +129,10 @@ DEFAULT_CONFIGS = (
 class _MallInfo2(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_size_t)
-        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks "
-        "keepcost".split()
+        for name in (
+            *("arena", "ordblks", "smblks", "hblks", "hblkhd"),
+            *("usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"),
+        )
     ]
 
 
@@ -147,19 +180,32 @@ def draw_sizes(count: int, seed: int) -> list[tuple[int, int]]:
     return sizes
 
 
-def run_child(args: argparse.Namespace) -> None:
+def _timed_draw(backend: Any, size: tuple[int, int], seed: int, steps: int) -> float:
+    """Seconds to draw one image of `size`, then trim the heap as the engine does."""
+    from diffusiond.backends.base import ImageSpec
+    from diffusiond.memory import trim_heap
+
+    spec = ImageSpec("a lighthouse", "", size[0], size[1], steps, 7.5, seed, "euler")
+    started = time.perf_counter()
+    backend.generate(spec, lambda *_: None, lambda: False)
+    trim_heap()
+    return time.perf_counter() - started
+
+
+def _load(args: argparse.Namespace) -> Any:
     if args.bounded:
         from diffusiond.memory import bound_kernel_caches
 
         bound_kernel_caches()
     import torch
 
-    from diffusiond.backends.base import ImageSpec
     from diffusiond.backends.diffusers_backend import DiffusersBackend
-    from diffusiond.memory import trim_heap
 
     backend = DiffusersBackend(
-        model_path=None, home=args.home, device="cpu", torch_threads=args.threads,
+        model_path=None,
+        home=args.home,
+        device="cpu",
+        torch_threads=args.threads,
         dtype=args.dtype,
     )
     backend.load()
@@ -167,29 +213,26 @@ def run_child(args: argparse.Namespace) -> None:
         pipeline: Any = backend._pipeline
         for model in (pipeline.unet, pipeline.vae):
             model.to(memory_format=torch.channels_last)
+    return backend
+
+
+def run_child(args: argparse.Namespace) -> None:
+    backend = _load(args)
     sizes = draw_sizes(args.warmup + args.sizes, args.seed)
-    seconds: list[float] = []
-    samples = {}
-    for n, (width, height) in enumerate(sizes):
-        if n == args.warmup:
-            samples["warm"] = _sample()
-        spec = ImageSpec("a lighthouse", "", width, height, args.steps, 7.5, n, "euler")
-        started = time.perf_counter()
-        backend.generate(spec, lambda *_: None, lambda: False)
-        trim_heap()
-        if n >= args.warmup:
-            seconds.append(time.perf_counter() - started)
-    samples["end"] = _sample()
-    result = {"samples": samples, "mean_s": statistics.fmean(seconds), "repeat_s": 0.0}
-    repeats: list[float] = []
-    for n, (width, height) in enumerate(sizes[-args.repeats :] if args.repeats else []):
-        spec = ImageSpec("a lighthouse", "", width, height, args.steps, 7.5, n, "euler")
-        for again in (False, True):  # the same size twice: the second one may reuse kernels
-            started = time.perf_counter()
-            backend.generate(spec, lambda *_: None, lambda: False)
-            trim_heap()
-            if again:
-                repeats.append(time.perf_counter() - started)
+    for n, size in enumerate(sizes[: args.warmup]):
+        _timed_draw(backend, size, n, args.steps)
+    warm = _sample()
+    new_sizes = enumerate(sizes[args.warmup :], start=args.warmup)
+    seconds = [_timed_draw(backend, size, n, args.steps) for n, size in new_sizes]
+    result = {
+        "samples": {"warm": warm, "end": _sample()},
+        "mean_s": statistics.fmean(seconds),
+        "repeat_s": 0.0,
+    }
+    repeats = []
+    for n, size in enumerate(sizes[-args.repeats :] if args.repeats else []):
+        _timed_draw(backend, size, n, args.steps)  # the second may reuse the first's kernels
+        repeats.append(_timed_draw(backend, size, n, args.steps))
     if repeats:
         result["repeat_s"] = statistics.fmean(repeats)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
@@ -203,9 +246,10 @@ def run_config(config: Config, args: argparse.Namespace) -> dict[str, Any]:
     command = [
         sys.executable, str(Path(__file__).resolve()), "--child", *config.child_args,
         "--warmup", str(args.warmup), "--sizes", str(args.sizes), "--steps", str(args.steps),
-        "--seed", str(args.seed), "--repeats", str(args.repeats), "--threads", str(args.threads), "--home", str(args.home),
+        "--seed", str(args.seed), "--repeats", str(args.repeats), "--threads", str(args.threads),
+        "--home", str(args.home),
     ]  # fmt: skip
-    done = subprocess.run(  # noqa: S603 - our own script, fixed arguments
+    done = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=args.timeout_s, check=False
     )
     for line in done.stdout.splitlines():
@@ -220,16 +264,12 @@ def _growth(result: dict[str, Any], what: str) -> float:
     return float(samples["end"][what] - samples["warm"][what])
 
 
-def report(
-    configs: list[Config], results: dict[str, list[dict[str, Any]]], sizes: int
-) -> bool:
+def report(configs: list[Config], results: dict[str, list[dict[str, Any]]], sizes: int) -> bool:
     base = results.get("torch")
     rows = []
     for config in configs:
         runs = results[config.key]
-        ratios = [
-            run["mean_s"] / ref["mean_s"] for run, ref in zip(runs, base or [], strict=False)
-        ]
+        ratios = [run["mean_s"] / ref["mean_s"] for run, ref in zip(runs, base or [], strict=False)]
         rep_ratios = [
             run["repeat_s"] / ref["repeat_s"]
             for run, ref in zip(runs, base or [], strict=False)
@@ -289,6 +329,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _runnable(config: Config) -> bool:
+    return config.needs is None or config.needs.exists()
+
+
 def main() -> int:
     args = parse_args()
     if args.child:
@@ -299,15 +343,18 @@ def main() -> int:
     unknown = [key for key in wanted if key not in by_key]
     if unknown:
         sys.exit(f"unknown configurations: {', '.join(unknown)} (known: {', '.join(by_key)})")
-    configs = [by_key[k] for k in wanted if by_key[k].needs is None or by_key[k].needs.exists()]
+    configs = [by_key[key] for key in wanted if _runnable(by_key[key])]
     results: dict[str, list[dict[str, Any]]] = {config.key: [] for config in configs}
     for round_number in range(args.rounds):
         order = configs if round_number % 2 == 0 else configs[::-1]
         for config in order:
             result = run_config(config, args)
             results[config.key].append(result)
-            print(f"round {round_number + 1} {config.key}: growth "
-                  f"{_growth(result, 'rss'):.1f} MB, {result['mean_s']:.3f} s/image", flush=True)
+            print(
+                f"round {round_number + 1} {config.key}: growth "
+                f"{_growth(result, 'rss'):.1f} MB, {result['mean_s']:.3f} s/image",
+                flush=True,
+            )
     return 0 if report(configs, results, args.sizes) else 1
 
 
