@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from diffusiond import __version__
 from diffusiond.commands import add_client_commands, run_client_command
 from diffusiond.errors import ModelLoadError, SettingsError
+from diffusiond.memory import bound_kernel_caches
 from diffusiond.settings import OPTIONS, Option, Settings, load_settings
 
 
@@ -105,6 +106,7 @@ def serve(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    bound_kernel_caches()  # before torch builds its first kernel: see memory.py
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         flags = {option.field: getattr(args, option.field) for option in OPTIONS}
