@@ -33,7 +33,9 @@ def use_channels_last(pipeline: Any) -> None:
     for name in CONV_MODULES:
         module = getattr(pipeline, name, None)
         if isinstance(module, torch.nn.Module):
-            module.to(memory_format=torch.channels_last)
+            for weight in module.parameters():
+                if weight.dim() == 4:  # convolutions' (out, in, kh, kw)
+                    weight.data = weight.data.contiguous(memory_format=torch.channels_last)
 
 
 def conv_weights_channels_last(module: torch.nn.Module) -> bool:

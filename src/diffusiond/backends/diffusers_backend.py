@@ -14,6 +14,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from diffusiond.backends.acceleration import compile_pipeline, use_channels_last
+from diffusiond.backends.allocator import share_one_malloc_arena
 from diffusiond.backends.base import (
     BackendInfo,
     CancelCheck,
@@ -116,6 +117,7 @@ class DiffusersBackend:
         channels_last: bool = True,
         compile_model: bool = False,
     ) -> None:
+        share_one_malloc_arena()  # before the engine's workers start: see allocator.py
         self._model_path = model_path
         self._channels_last = channels_last
         self._compile_model = compile_model
