@@ -66,7 +66,7 @@ def test_channels_last_is_applied_and_draws_the_contiguous_picture(model_home: P
 def test_compile_marks_the_unet_and_decoder_and_points_the_cache_at_home(
     model_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor-default")
     backend = DiffusersBackend(
         model_path=None, home=model_home, device="cpu", torch_threads=1, compile_model=True
     )

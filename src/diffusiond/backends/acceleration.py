@@ -53,15 +53,16 @@ def inductor_cache_dir(home: Path) -> Path:
 def use_inductor_cache(home: Path) -> Path:
     """Point inductor's on-disk caches (its kernels and the FX graph cache) under `home`.
 
-    Read by inductor when it compiles, so this must run before the first compiled call;
-    a TORCHINDUCTOR_CACHE_DIR set by the user wins.
+    Inductor reads TORCHINDUCTOR_CACHE_DIR whenever it compiles, but fills it in with its
+    /tmp default the first time it is asked (importing some of torch does), so the value
+    is overwritten rather than defaulted: DIFFUSIOND_HOME decides where the cache lives.
     """
     cache = inductor_cache_dir(home)
     cache.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
+    os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
+    return cache
 
 
 def compile_pipeline(pipeline: Any, home: Path) -> None:
