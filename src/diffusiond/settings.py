@@ -42,6 +42,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     model_config: Path | None = None
+    compile: bool = False  # torch.compile the UNet and VAE decoder (slow first job)
     backend: str = "diffusers"
     home: Path = field(default_factory=default_home)
     result_ttl_ms: int = 300_000
@@ -321,6 +322,15 @@ OPTIONS: tuple[Option, ...] = (
         "require 'Authorization: Bearer KEY' (16+ visible characters, no spaces) on every "
         "endpoint but /health and the web page's files",
         aliases=("IMAGE_API_KEY",),
+    ),
+    Option(
+        "compile",
+        "--compile",
+        "DIFFUSIOND_COMPILE",
+        _boolean,
+        "torch.compile the UNet and VAE decoder: faster steps after a first job that "
+        "compiles (minutes on a CPU; cached under --home for the next start)",
+        switch=True,
     ),
     Option(
         "insecure",
