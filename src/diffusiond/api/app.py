@@ -21,6 +21,7 @@ from diffusiond.api.bodies import RenderedBodies
 from diffusiond.api.events import JobEvents, JobFeed, last_event_id, wait_preference
 from diffusiond.api.idempotency import IdempotencyKeys, check_idempotency_key
 from diffusiond.api.openapi import openapi_document
+from diffusiond.api.params import read_uint, shown
 from diffusiond.api.ports import JobRunner, JobSource
 from diffusiond.api.schemas import (
     DEFAULT_MAX_PIXELS,
@@ -30,7 +31,13 @@ from diffusiond.api.schemas import (
     summary_body,
 )
 from diffusiond.api.security import BearerKeyMiddleware
-from diffusiond.errors import DiffusiondError, NotFound, PayloadTooLarge, ServerNotReady
+from diffusiond.errors import (
+    DiffusiondError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ServerNotReady,
+)
 from diffusiond.jobs.models import Job, JobStatus
 from diffusiond.web import web_routes
 
@@ -68,10 +75,22 @@ def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None)
     return Response(body, status, headers=headers, media_type="application/json")
 
 
+def _declared_length(raw: str) -> int:
+    length = read_uint(raw.strip())
+    if length is None:
+        if raw.strip().isdigit():  # ASCII digits, only too many of them: over any limit
+            return MAX_BODY_BYTES + 1
+        rule = "a whole number of bytes"
+        raise InvalidRequest(
+            f"Content-Length must be {rule}, got {shown(raw)}", field="Content-Length", rule=rule
+        )
+    return length
+
+
 async def _read_body(request: Request) -> bytes:
     """The body, refused with 413 as soon as it is known to be over the limit."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    declared = request.headers.get("content-length")
+    if declared is not None and _declared_length(declared) > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"the request body is over {MAX_BODY_BYTES} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -177,9 +196,11 @@ class _Endpoints:
                 "complete"
             )
         count = len(job.result.images)
-        if not raw_index.isdigit() or int(raw_index) >= count:
-            raise NotFound(f"generation {job_id} has images 0 to {count - 1}, not {raw_index!r}")
-        index = int(raw_index)
+        index = read_uint(raw_index)
+        if index is None or index >= count:
+            raise NotFound(
+                f"generation {job_id} has images 0 to {count - 1}, not {shown(raw_index)}"
+            )
         image = job.result.images[index]
         name = f"{job_id}-{index}-seed{image.seed}.png"
         return Response(

@@ -279,6 +279,15 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
             "parameters": [_ID_PARAM],
             "get": {
                 "operationId": "generationEvents",
+                "parameters": [
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "description": "resume: only states newer than this event id (a value "
+                        "that is not one is ignored)",
+                        "schema": {"type": "string"},
+                    },
+                ],
                 "responses": {
                     "200": {
                         "description": "server-sent events: progress..., then the final state",
@@ -292,7 +301,12 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
         "/v1/images/generations/{id}/images/{index}": {
             "parameters": [
                 _ID_PARAM,
-                {"name": "index", "in": "path", "required": True, "schema": {"type": "string"}},
+                {
+                    "name": "index",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "integer", "minimum": 0},
+                },
             ],
             "get": {
                 "operationId": "generationImage",
