@@ -30,7 +30,12 @@ from diffusiond.api.schemas import (
     parse_list_query,
     summary_body,
 )
-from diffusiond.api.security import BearerKeyMiddleware
+from diffusiond.api.security import (
+    BearerKeyMiddleware,
+    HostPolicy,
+    SameSiteMiddleware,
+    carries_key,
+)
 from diffusiond.errors import (
     DiffusiondError,
     InvalidRequest,
@@ -56,6 +61,9 @@ class ApiConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
+    bound_host: str = "127.0.0.1"  # the address listened on: its Host is always allowed
+    allowed_hosts: tuple[str, ...] = ()  # further Host names (".domain", "*")
+    max_streams: int = 64  # event streams and Prefer: wait requests open at once
     heartbeat_s: float = 15.0  # a comment line on idle event streams
     event_interval_s: float = 0.1  # progress events of one stream at most 10 a second
 
@@ -67,6 +75,9 @@ class ApiConfig:
             max_pixels=settings.max_pixels,
             api_key=settings.api_key,
             cors_origins=settings.cors_origins,
+            bound_host=settings.host,
+            allowed_hosts=settings.allowed_hosts,
+            max_streams=settings.max_streams,
             heartbeat_s=settings.sse_heartbeat_ms / 1000,
         )
 
@@ -282,7 +293,14 @@ def create_app(
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
         *web_routes(),
     ]
-    middleware = []
+    # Outermost: a request for a foreign Host or from a foreign Origin goes no further.
+    middleware = [
+        Middleware(
+            SameSiteMiddleware,
+            hosts=HostPolicy(config.bound_host, config.allowed_hosts),
+            cors_origins=config.cors_origins,
+        )
+    ]
     if config.cors_origins:
         middleware.append(
             Middleware(
