@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -14,12 +14,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from diffusiond import __version__
 from diffusiond.api import errors
 from diffusiond.api.bodies import RenderedBodies
 from diffusiond.api.events import JobEvents, JobFeed, last_event_id, wait_preference
+from diffusiond.api.health import check_ready, health_body
 from diffusiond.api.idempotency import IdempotencyKeys, check_idempotency_key
+from diffusiond.api.limits import StreamSlots
 from diffusiond.api.openapi import openapi_document
 from diffusiond.api.params import read_uint, shown
 from diffusiond.api.ports import JobRunner, JobSource
@@ -41,9 +43,8 @@ from diffusiond.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
-    ServerNotReady,
 )
-from diffusiond.jobs.models import Job, JobStatus
+from diffusiond.jobs.models import GenerationRequest, Job, JobStatus
 from diffusiond.web import web_routes
 
 if TYPE_CHECKING:
@@ -113,6 +114,23 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+class _HeldStream(StreamingResponse):
+    """A stream that holds one of the open-stream slots until it is done, however it ends
+    (the client may leave before the first byte: the slot still comes back)."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], *, release: Callable[[], None], **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 class _Endpoints:
     def __init__(
         self,
@@ -129,6 +147,8 @@ class _Endpoints:
         self._bodies = bodies
         self._openapi: bytes | None = None
         self._keys = IdempotencyKeys(registry.exists)
+        registry.add_listener(self._keys.on_change)
+        self._slots = StreamSlots(config.max_streams)
         self._feed = JobFeed(
             registry,
             events,
@@ -163,6 +183,14 @@ class _Endpoints:
         raw_key = request.headers.get("idempotency-key")
         key = check_idempotency_key(raw_key) if raw_key is not None else None
         wait_s = wait_preference(request)
+        if not wait_s:
+            return await self._start(parsed, key, wait_s)
+        with self._slots.held():  # refused before anything starts when every slot is held
+            return await self._start(parsed, key, wait_s)
+
+    async def _start(
+        self, parsed: GenerationRequest, key: str | None, wait_s: int | None
+    ) -> Response:
         headers: dict[str, str] = {}
         if wait_s is not None:
             headers["Preference-Applied"] = f"wait={wait_s}"
@@ -191,8 +219,10 @@ class _Endpoints:
         job_id = request.path_params["id"]
         self._registry.get(job_id)  # an unknown id is a 404 before any stream starts
         stream = self._feed.stream(job_id, last_event_id(request))
-        return StreamingResponse(
+        self._slots.take()
+        return _HeldStream(
             stream,
+            release=self._slots.give_back,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -238,37 +268,18 @@ class _Endpoints:
             )
         return _json(self._openapi)
 
-    async def health(self, _request: Request) -> Response:
-        engine = self._engine
-        if not engine.ready:
-            reason = engine.load_error
-            raise ServerNotReady(
-                f"the model failed to load: {reason}" if reason else "the model is still loading"
-            )
-        stats = engine.stats()
-        info = engine.info()
-        return _json(
-            dump(
-                {
-                    "status": "ok",
-                    "busy": stats.running > 0 or stats.admitted > 0,
-                    "pollIntervalMs": self._config.poll_interval_ms,
-                    "activeGenerations": stats.running,
-                    "queueDepth": max(0, stats.admitted - stats.running),
-                    "maxConcurrent": stats.max_concurrent,
-                    "maxQueue": engine.max_queue,
-                    "draining": engine.draining,
-                    "maxBatch": self._config.max_batch,
-                    "backend": info.name,
-                    "model": info.model,
-                    "device": info.device,
-                    "dtype": info.dtype,
-                    "architecture": info.architecture,
-                    "version": __version__,
-                    **engine.health_extra(),
-                }
-            )
+    async def health(self, request: Request) -> Response:
+        api_key = self._config.api_key
+        full = api_key is None or carries_key(request.headers, api_key)
+        check_ready(self._engine, full=full)
+        body = health_body(
+            self._engine,
+            poll_interval_ms=self._config.poll_interval_ms,
+            max_batch=self._config.max_batch,
+            open_streams=self._slots.open,
+            full=full,
         )
+        return _json(dump(body))
 
 
 def create_app(

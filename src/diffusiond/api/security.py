@@ -11,6 +11,7 @@ digits is safe (no DNS lookup, so nothing to rebind); an empty host name is refu
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import socket
@@ -25,7 +26,6 @@ OPEN_PATHS = frozenset({"/health", "/"})
 # The web page's script and style sheet: they hold no data, and every API call the page makes
 # carries the key (it asks for it on the first 401).
 OPEN_PREFIXES = ("/ui/",)
-WILDCARD_ADDRESSES = frozenset({"0.0.0.0", "::", ""})
 
 
 def is_open(path: str) -> bool:
@@ -65,8 +65,11 @@ class HostPolicy:
             elif entry != "*":
                 self._names.add(host_name(entry))
         # Listening on every address: any address typed as digits reaches this server.
-        self._any_ip = bound_host.strip() in WILDCARD_ADDRESSES
-        bound = "" if self._any_ip else host_name(bound_host)
+        bound = host_name(bound_host)
+        unspecified = _ip(bound)
+        self._any_ip = not bound or (unspecified is not None and unspecified.is_unspecified)
+        if self._any_ip:
+            bound = ""
         if bound:
             self._names.add(bound)
         bound_ip = _ip(bound)
@@ -93,10 +96,8 @@ class HostPolicy:
 def _own_names() -> set[str]:
     """This machine's names, for a server that listens beyond loopback."""
     names = {socket.gethostname().lower()}
-    try:
+    with contextlib.suppress(OSError):
         names.add(socket.getfqdn().lower())
-    except OSError:
-        pass
     return {name.rstrip(".") for name in names if name}
 
 
