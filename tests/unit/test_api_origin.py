@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from diffusiond.api.app import ApiConfig
 from diffusiond.testing.requests import GENERATIONS, SMALL, poll_until
 from tests.support.inprocess import CONFIG, InProcessApi, in_process_api
 
