@@ -29,7 +29,13 @@ OPEN_PREFIXES = ("/ui/",)
 
 
 def is_open(path: str) -> bool:
-    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+    """Whether `path` is the page or one of its files. A path with `.` or `..` segments,
+    or a backslash, is never open: it names something else than it seems to."""
+    if path in OPEN_PATHS:
+        return True
+    if not path.startswith(OPEN_PREFIXES) or "\\" in path:
+        return False
+    return not any(segment in {".", ".."} for segment in path.split("/"))
 
 
 def host_name(host_header: str) -> str:

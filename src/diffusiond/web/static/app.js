@@ -156,7 +156,11 @@
   async function loadHealth() {
     let response;
     try {
-      response = await fetch("health", { cache: "no-store" });
+      // With the key (if this browser holds one) /health names the model; without, it
+      // says only what the form needs. It never asks for the key: the page opens without.
+      const key = storedKey();
+      const headers = key ? { Authorization: `Bearer ${key}` } : {};
+      response = await fetch("health", { cache: "no-store", headers });
     } catch {
       $("server-info").textContent = "The server cannot be reached.";
       return;
