@@ -177,7 +177,9 @@
     $("count").max = String(state.maxBatch);
     $("count-hint").textContent = `(1–${state.maxBatch})`;
     const parts = [health.model, health.device, health.version && `v${health.version}`];
-    $("server-info").textContent = `Model ${parts.filter(Boolean).join(" · ")}`;
+    // Without the key /health names no model: then say only the version.
+    const label = health.model ? "Model" : "diffusiond";
+    $("server-info").textContent = `${label} ${parts.filter(Boolean).join(" · ")}`;
   }
 
   // -- the form: the API's rules, checked before sending ----------------------------------
