@@ -15,7 +15,7 @@ import contextlib
 import hmac
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -61,7 +61,7 @@ def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 class HostPolicy:
     """The Host names this server answers to."""
 
-    def __init__(self, bound_host: str, allowed: Iterable[str] = ()) -> None:
+    def __init__(self, bound_host: str, allowed: Collection[str] = ()) -> None:
         self._any = "*" in allowed
         self._names = {"localhost"}
         self._domains: list[str] = []
