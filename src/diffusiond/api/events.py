@@ -19,6 +19,7 @@ from contextlib import contextmanager, suppress
 
 from starlette.requests import Request
 
+from diffusiond.api.params import read_uint
 from diffusiond.api.ports import JobSource
 from diffusiond.errors import NotFound
 from diffusiond.jobs.models import Job, JobChanged
@@ -116,8 +117,10 @@ def sse_event(event_id: int, name: str, data: bytes) -> bytes:
 
 
 def last_event_id(request: Request) -> int | None:
-    raw = request.headers.get("last-event-id", "").strip()
-    return int(raw) if raw.isdigit() else None
+    """The `Last-Event-ID` a reconnecting client sends; None when absent or not one of the
+    ids this server sends (ASCII digits): the stream then starts from the job's state now,
+    as for a first connection, rather than refusing the client."""
+    return read_uint(request.headers.get("last-event-id", "").strip())
 
 
 def wait_preference(request: Request) -> int | None:
@@ -126,8 +129,9 @@ def wait_preference(request: Request) -> int | None:
     for header in request.headers.getlist("prefer"):
         for preference in header.split(","):
             name, _, value = preference.strip().partition("=")
-            if name.strip().lower() == "wait" and value.strip().isdigit():
-                return min(int(value.strip()), MAX_WAIT_S)
+            seconds = read_uint(value.strip())
+            if name.strip().lower() == "wait" and seconds is not None:
+                return min(seconds, MAX_WAIT_S)
     return None
 
 
