@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from diffusiond import __version__
 from diffusiond.commands import add_client_commands, run_client_command
 from diffusiond.errors import ModelLoadError, SettingsError
+from diffusiond.redaction import redact_text
 from diffusiond.settings import OPTIONS, Option, Settings, load_settings
 
 
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return serve(load_settings(os.environ, flags))
         except (SettingsError, ModelLoadError) as exc:
-            print(f"diffusiond: cannot start: {exc.message}", file=sys.stderr)
+            print(f"diffusiond: cannot start: {redact_text(exc.message)}", file=sys.stderr)
             return 2
     if args.command == "worker":
         flags = {option.field: getattr(args, option.field, None) for option in OPTIONS}
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_logging(settings.log_level, as_json=settings.log_json)
             return run_worker(settings)
         except (SettingsError, ModelLoadError) as exc:
-            print(f"diffusiond: cannot start: {exc.message}", file=sys.stderr)
+            print(f"diffusiond: cannot start: {redact_text(exc.message)}", file=sys.stderr)
             return 2
     return run_client_command(args)
 

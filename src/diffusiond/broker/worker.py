@@ -47,6 +47,7 @@ from diffusiond.engine.run import (
 from diffusiond.errors import SettingsError
 from diffusiond.jobs.models import Progress
 from diffusiond.memory import trim_heap
+from diffusiond.redaction import redact_text, redact_url
 from diffusiond.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,9 @@ async def _work(settings: Settings, backend: Backend) -> None:
         await queue.connect()
         await queue.count("queued")
     except (RedisError, OSError) as exc:
-        raise SettingsError(f"--broker {settings.broker}: cannot reach Redis: {exc}") from None
+        raise SettingsError(
+            f"--broker {redact_url(settings.broker)}: cannot reach Redis: {redact_text(str(exc))}"
+        ) from None
     runtime = WorkerRuntime(settings, backend, queue)
     timers: PartialTimersDict = {
         "schedule": 1,
