@@ -25,7 +25,10 @@ class JobSource(Protocol):
 
     def list(
         self, statuses: Collection[JobStatus] | None = None, limit: int | None = None
-    ) -> builtins.list[Job]: ...
+    ) -> builtins.list[Job]:
+        """Newest first; enough for a listing's summaries (a broker leaves out the progress
+        and the result, which a listing does not show)."""
+        ...
 
     def add_listener(self, listener: JobListener) -> None: ...
 

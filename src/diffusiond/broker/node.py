@@ -23,6 +23,7 @@ from saq.types import WorkerStats
 
 from diffusiond.backends.base import BackendInfo
 from diffusiond.broker.bridge import LoopThread
+from diffusiond.broker.listing import CreatedIndex
 from diffusiond.broker.mapping import request_to_json, to_job
 from diffusiond.broker.queue import (
     ADMISSION_LOCK,
@@ -84,6 +85,7 @@ class BrokerRegistry:
         self._listeners: list[JobListener] = []
         self._statuses: dict[str, JobStatus] = {}
         self._terminal: OrderedDict[str, Job] = OrderedDict()
+        self.index = CreatedIndex(queue)
 
     def add_listener(self, listener: JobListener) -> None:
         self._listeners.append(listener)
@@ -100,10 +102,8 @@ class BrokerRegistry:
     def list(
         self, statuses: Collection[JobStatus] | None = None, limit: int | None = None
     ) -> builtins.list[Job]:
-        jobs = self._bridge.call(self._all())
-        found = [job for job in jobs if statuses is None or job.status in statuses]
-        found.sort(key=lambda job: (job.created_at, job.id), reverse=True)
-        return found[:limit] if limit is not None else found
+        """Newest first, as summaries (no progress, no result): see broker/listing.py."""
+        return self._bridge.call(self.index.newest(statuses, limit))
 
     async def fetch(self, job_id: str) -> Job:
         """The job now (on the bridge loop); NotFound when unknown or expired."""
@@ -124,16 +124,6 @@ class BrokerRegistry:
             if len(self._terminal) > _CACHED_TERMINAL:
                 self._terminal.popitem(last=False)
         return job
-
-    async def _all(self) -> builtins.list[Job]:
-        saq_jobs = [job async for job in self._queue.iter_jobs()]
-        if not saq_jobs:
-            return []
-        marks = await self._queue.redis.mget([cancel_key(job.key) for job in saq_jobs])
-        return [
-            to_job(job, int(mark) if mark is not None else None)
-            for job, mark in zip(saq_jobs, marks, strict=True)
-        ]
 
     async def watch(self) -> None:
         """Relay SAQ's job notifications to the listeners until cancelled (bridge loop)."""
@@ -247,6 +237,7 @@ class BrokerEngine(Admission):
                 ttl=self._options.ttl_s,
             )
             await self._queue.enqueue(job)
+            await self._registry.index.add(job.key, job.queued)
         return to_job(job, None)
 
     async def _cancel(self, job_id: str) -> None:
