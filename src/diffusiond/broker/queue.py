@@ -50,8 +50,8 @@ class JobOptions:
         return self.ttl_s + CANCEL_MARK_SLACK_S
 
 
-def open_queue(url: str) -> RedisQueue:
-    """The diffusiond queue at `url` (not yet connected)."""
-    queue = RedisQueue.from_url(url, name=QUEUE_NAME, swept_error_message=SWEPT_MARK)
-    assert isinstance(queue, RedisQueue)
+def open_queue(url: str, kind: type[RedisQueue] = RedisQueue) -> RedisQueue:
+    """The diffusiond queue at `url` (not yet connected), as a `kind` (a worker's own)."""
+    queue = kind.from_url(url, name=QUEUE_NAME, swept_error_message=SWEPT_MARK)
+    assert isinstance(queue, kind)
     return queue
