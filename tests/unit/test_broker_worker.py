@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from PIL.Image import Image
 from redis.exceptions import ConnectionError as RedisConnectionError
 from saq.job import Job as SaqJob
 from saq.job import Status
+from saq.types import Context
 
 from diffusiond.backends.base import CancelCheck, ImageSpec, PreviewCallback, StageCallback
 from diffusiond.broker.mapping import request_to_json
@@ -70,10 +71,11 @@ async def _run_with_failing_publish(url: str, backend: WatchedBackend) -> tuple[
                 raise RedisConnectionError("Error 111 connecting to the broker")
             await update(saq_job, **fields)
 
-        queue.update = failing_update  # type: ignore[method-assign]
+        queue.update = failing_update  # type: ignore[method-assign, assignment]
         runtime = WorkerRuntime(Settings(), backend, queue)
         try:
-            result: Any = await runtime.generate({"job": job}, request=job.kwargs["request"])
+            context = cast(Context, {"job": job})
+            result: Any = await runtime.generate(context, request=request_to_json(REQUEST))
         except RedisConnectionError as exc:
             result = exc
         return result, backend.drawing.is_set()
