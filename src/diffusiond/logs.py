@@ -34,7 +34,10 @@ class RedactingFilter(logging.Filter):
     exception text, whichever library logged it: no log line carries a password."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # bad arguments: left to the handler to report
+            return True
         redacted = redact_text(message)
         if redacted != message:  # formatted once here, so args cannot bring it back
             record.msg, record.args = redacted, None
