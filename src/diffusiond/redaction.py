@@ -20,9 +20,11 @@ _SECRET_PARAMS = frozenset({"password", "pass", "passwd", "pwd", "secret", "toke
 # `scheme://userinfo@`: the userinfo is everything up to the last "@" before the path; a
 # password may itself hold "@" or ":" (unescaped, as people type them).
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/?#\s]*)@")
-# `password=...` in a query string (or anywhere a URL's query was quoted).
+# `password=...` in a query string, or as a library prints its settings (`Conn(password=x)`).
 _SECRET_QUERY = re.compile(
-    r"(?P<name>[?&;](?:" + "|".join(sorted(_SECRET_PARAMS)) + r")=)(?P<value>[^&#\s'\"]*)",
+    r"(?P<name>(?:^|(?<=[?&;,(\s]))(?:"
+    + "|".join(sorted(_SECRET_PARAMS))
+    + r")=)(?P<value>[^&#\s'\",)]*)",
     re.IGNORECASE,
 )
 

@@ -49,6 +49,11 @@ def test_redact_text_finds_urls_inside_any_message() -> None:
     assert "redis://h/0?db=0&password=***" in redacted
 
 
+def test_redact_text_masks_passwords_a_library_prints() -> None:
+    shown = redact_text(f"Connection(host=db,port=6379,password={SECRET},db=0) password={SECRET}")
+    assert shown == "Connection(host=db,port=6379,password=***,db=0) password=***"
+
+
 def test_redact_text_leaves_ordinary_text_alone() -> None:
     for text in ("job gen_1_a complete", "mail me at alice@example.org", "a=b&c=d", "x @ y"):
         assert redact_text(text) == text
