@@ -28,7 +28,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench._server import Server, bench_env, start_server
+from bench._server import Server, start_server
+from diffusiond.testing.harness import server_env
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 SIZE = 512
@@ -191,7 +192,11 @@ class Child:
         command = [sys.executable, "-m", "bench._sd15_jobs", kind, str(folder), dtype_name]
         command += [str(threads), "contiguous" if contiguous else "default"]
         self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=bench_env()
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=server_env(inherit_settings=True),
         )
         self._read()
 

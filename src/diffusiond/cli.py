@@ -11,6 +11,7 @@ from diffusiond import __version__
 from diffusiond.commands import add_client_commands, run_client_command
 from diffusiond.errors import ModelLoadError, SettingsError
 from diffusiond.memory import bound_kernel_caches
+from diffusiond.redaction import redact_text
 from diffusiond.settings import OPTIONS, Option, Settings, load_settings
 
 
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return serve(load_settings(os.environ, flags))
         except (SettingsError, ModelLoadError) as exc:
-            print(f"diffusiond: cannot start: {exc.message}", file=sys.stderr)
+            print(f"diffusiond: cannot start: {redact_text(exc.message)}", file=sys.stderr)
             return 2
     if args.command == "worker":
         flags = {option.field: getattr(args, option.field, None) for option in OPTIONS}
@@ -125,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_logging(settings.log_level, as_json=settings.log_json)
             return run_worker(settings)
         except (SettingsError, ModelLoadError) as exc:
-            print(f"diffusiond: cannot start: {exc.message}", file=sys.stderr)
+            print(f"diffusiond: cannot start: {redact_text(exc.message)}", file=sys.stderr)
             return 2
     return run_client_command(args)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from diffusiond.backends.diffusers_backend import DiffusersBackend
+from diffusiond.backends.factory import make_backend
 from diffusiond.errors import SettingsError
-from diffusiond.server import make_backend
 from diffusiond.settings import load_settings
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from diffusiond.api.idempotency import IdempotencyKeys, check_idempotency_key
 from diffusiond.api.limits import StreamSlots
 from diffusiond.api.openapi import openapi_document
 from diffusiond.api.params import read_uint, shown
-from diffusiond.api.ports import JobRunner, JobSource
+from diffusiond.api.ports import JobRunner, JobSource, Offload
 from diffusiond.api.schemas import (
     DEFAULT_MAX_PIXELS,
     dump,
@@ -149,6 +150,8 @@ class _Endpoints:
         self._keys = IdempotencyKeys(registry.exists)
         registry.add_listener(self._keys.on_change)
         self._slots = StreamSlots(config.max_streams)
+        self._offload = Offload(registry, engine)  # every port call below goes through it
+        self._keys_lock = asyncio.Lock()  # IdempotencyKeys is not thread-safe: one at a time
         self._feed = JobFeed(
             registry,
             events,
@@ -156,20 +159,24 @@ class _Endpoints:
             queue_position=engine.queue_position,
             heartbeat_s=config.heartbeat_s,
             event_interval_s=config.event_interval_s,
+            offload=self._offload,
         )
 
     # One route per path, so a wrong method's 405 lists every method the path allows.
     async def generations(self, request: Request) -> Response:
         if request.method == "POST":
             return await self.create(request)
-        return self.list(request)
+        return await self._offload(self.list, request)
 
     async def generation(self, request: Request) -> Response:
         job_id = request.path_params["id"]
         if request.method == "DELETE":
-            job = self._engine.cancel(job_id)
+            job = await self._offload(self._engine.cancel, job_id)
             return _json(dump({"id": job.id, "status": job.status.value}))
-        return _json(self._render(self._registry.get(job_id)))
+        return _json(await self._offload(self._render_by_id, job_id))
+
+    def _render_by_id(self, job_id: str) -> bytes:
+        return self._render(self._registry.get(job_id))
 
     def _render(self, job: Job) -> bytes:
         position = self._engine.queue_position(job.id) if job.status is JobStatus.PENDING else None
@@ -194,30 +201,34 @@ class _Endpoints:
         headers: dict[str, str] = {}
         if wait_s is not None:
             headers["Preference-Applied"] = f"wait={wait_s}"
-        replayed = self._keys.replay(key, parsed) if key is not None else None
+        replayed = None
+        if key is not None:
+            async with self._keys_lock:
+                replayed = await self._offload(self._keys.replay, key, parsed)
         if replayed is not None:
-            job = self._registry.get(replayed)
+            job = await self._offload(self._registry.get, replayed)
             headers |= {
                 "Location": f"/v1/images/generations/{job.id}",
                 "Idempotent-Replayed": "true",
             }
             if wait_s:
                 job = await self._feed.wait_terminal(job, wait_s)
-            return _json(self._render(job), 200, headers)
-        job = self._engine.submit(parsed)
+            return _json(await self._offload(self._render, job), 200, headers)
+        job = await self._offload(self._engine.submit, parsed)
         if key is not None:
-            self._keys.remember(key, parsed, job.id)
+            async with self._keys_lock:
+                await self._offload(self._keys.remember, key, parsed, job.id)
         headers["Location"] = f"/v1/images/generations/{job.id}"
         if wait_s:
             job = await self._feed.wait_terminal(job, wait_s)
             if job.status.is_terminal():
-                return _json(self._render(job), 200, headers)
+                return _json(await self._offload(self._render, job), 200, headers)
         created = {"id": job.id, "status": job.status.value, "createdAt": job.created_at}
         return _json(dump(created), 201, headers)
 
     async def events(self, request: Request) -> Response:
         job_id = request.path_params["id"]
-        self._registry.get(job_id)  # an unknown id is a 404 before any stream starts
+        await self._offload(self._registry.get, job_id)  # an unknown id: 404 before a stream
         stream = self._feed.stream(job_id, last_event_id(request))
         self._slots.take()
         return _HeldStream(
@@ -230,7 +241,7 @@ class _Endpoints:
     async def image(self, request: Request) -> Response:
         job_id = request.path_params["id"]
         raw_index = request.path_params["index"]
-        job = self._registry.get(job_id)
+        job = await self._offload(self._registry.get, job_id)
         if job.result is None:
             raise NotFound(
                 f"generation {job_id} is {job.status.value}: its images exist only once it is "
@@ -272,7 +283,8 @@ class _Endpoints:
         api_key = self._config.api_key
         full = api_key is None or carries_key(request.headers, api_key)
         check_ready(self._engine, full=full)
-        body = health_body(
+        body = await self._offload(
+            health_body,
             self._engine,
             poll_interval_ms=self._config.poll_interval_ms,
             max_batch=self._config.max_batch,
