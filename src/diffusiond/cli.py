@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from diffusiond import __version__
 from diffusiond.commands import add_client_commands, run_client_command
 from diffusiond.errors import ModelLoadError, SettingsError
+from diffusiond.memory import bound_kernel_caches
+from diffusiond.redaction import redact_text
 from diffusiond.settings import OPTIONS, Option, Settings, load_settings
 
 
@@ -105,13 +107,14 @@ def serve(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    bound_kernel_caches()  # before torch builds its first kernel: see memory.py
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         flags = {option.field: getattr(args, option.field) for option in OPTIONS}
         try:
             return serve(load_settings(os.environ, flags))
         except (SettingsError, ModelLoadError) as exc:
-            print(f"diffusiond: cannot start: {exc.message}", file=sys.stderr)
+            print(f"diffusiond: cannot start: {redact_text(exc.message)}", file=sys.stderr)
             return 2
     if args.command == "worker":
         flags = {option.field: getattr(args, option.field, None) for option in OPTIONS}
@@ -123,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_logging(settings.log_level, as_json=settings.log_json)
             return run_worker(settings)
         except (SettingsError, ModelLoadError) as exc:
-            print(f"diffusiond: cannot start: {exc.message}", file=sys.stderr)
+            print(f"diffusiond: cannot start: {redact_text(exc.message)}", file=sys.stderr)
             return 2
     return run_client_command(args)
 

@@ -65,3 +65,7 @@ class ModelLoadError(DiffusiondError):
 
 class StoreError(DiffusiondError):
     """The job store could not write a change; memory was left as the store has it."""
+
+
+class TooManyStreams(ServerBusy):
+    """Every slot for event streams and `Prefer: wait` requests is held."""

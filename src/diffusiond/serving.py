@@ -80,6 +80,8 @@ class GracefulServer(uvicorn.Server):
                 log_config=None,  # configure_logging() already routed uvicorn's loggers
                 lifespan="on",
                 timeout_graceful_shutdown=5,  # for connections still open once jobs are done
+                # Past this many open connections and tasks uvicorn itself answers 503.
+                limit_concurrency=settings.max_connections,
             )
         )
         self._settings = settings

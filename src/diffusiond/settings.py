@@ -14,6 +14,7 @@ came from: never a silent default. `docs/configuration.md` is generated from `OP
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     model_config: Path | None = None
+    compile: bool = False  # torch.compile the UNet and VAE decoder (slow first job)
     backend: str = "diffusers"
     home: Path = field(default_factory=default_home)
     result_ttl_ms: int = 300_000
@@ -55,6 +57,9 @@ class Settings:
     api_key: str | None = None
     insecure: bool = False
     cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # beyond loopback names and the bound address
+    max_streams: int = 64  # open event streams and Prefer: wait requests, together
+    max_connections: int = 256  # uvicorn's limit_concurrency: past it, 503 from uvicorn
     max_pixels: int = 1024 * 1024
     max_body_bytes: int = 24 * 1024 * 1024  # of POST /v1/images/generations (images inside)
     generation_timeout_ms: int = 0  # 0: no limit
@@ -152,6 +157,30 @@ def _origins(raw: str) -> tuple[str, ...]:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ValueError(f"must be a comma-separated list of http(s) origins, got {origin!r}")
     return origins
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _hosts(raw: str) -> tuple[str, ...]:
+    hosts = tuple(
+        host.strip().lower().rstrip(".").strip("[]") for host in raw.split(",") if host.strip()
+    )
+    for host in hosts:
+        name = host.removeprefix(".")
+        if host == "*" or _is_ip(host):
+            continue
+        if not name or any(c in name for c in "/:@ *"):
+            raise ValueError(
+                "must be a comma-separated list of host names or addresses without a port "
+                f"(.example.com for a domain and its subdomains, * for any), got {host!r}"
+            )
+    return hosts
 
 
 ENV_PREFIX = "DIFFUSIOND_"
@@ -324,6 +353,15 @@ OPTIONS: tuple[Option, ...] = (
         aliases=("IMAGE_API_KEY",),
     ),
     Option(
+        "compile",
+        "--compile",
+        "DIFFUSIOND_COMPILE",
+        _boolean,
+        "torch.compile the UNet and VAE decoder: faster steps after a first job that "
+        "compiles (minutes on a CPU; cached under --home for the next start)",
+        switch=True,
+    ),
+    Option(
         "insecure",
         "--insecure",
         None,
@@ -338,6 +376,32 @@ OPTIONS: tuple[Option, ...] = (
         _origins,
         "comma-separated browser origins allowed to call the API (*: any; default: none)",
         aliases=("IMAGE_CORS_ORIGINS",),
+    ),
+    Option(
+        "allowed_hosts",
+        "--allowed-hosts",
+        "DIFFUSIOND_ALLOWED_HOSTS",
+        _hosts,
+        "comma-separated Host names the server answers to besides loopback names and the "
+        "address it listens on (.example.com: a domain and its subdomains; *: any); "
+        "other Hosts get 403 FORBIDDEN_HOST",
+        aliases=("IMAGE_ALLOWED_HOSTS",),
+    ),
+    Option(
+        "max_streams",
+        "--max-streams",
+        "DIFFUSIOND_MAX_STREAMS",
+        _integer(1, 100_000),
+        "event streams and Prefer: wait requests open at once; past it 503 SERVER_BUSY "
+        "(default 64)",
+    ),
+    Option(
+        "max_connections",
+        "--max-connections",
+        "DIFFUSIOND_MAX_CONNECTIONS",
+        _integer(8, 1_000_000),
+        "HTTP connections and requests served at once; past it the server answers 503 "
+        "(default 256; keep it above --max-streams)",
     ),
     Option(
         "max_pixels",

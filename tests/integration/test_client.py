@@ -7,6 +7,7 @@ import io
 import itertools
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,10 @@ LONG: dict[str, Any] = {"width": 2048, "height": 2048, "steps": 150}
 
 
 @pytest.fixture
-def sdk(server: ServerProcess, client: httpx.Client) -> Client:
+def sdk(server: ServerProcess, client: httpx.Client) -> Iterator[Client]:
     """A diffusiond.Client of the shared (idle) server; `client` is the raw HTTP view."""
-    return Client(server.url)
+    with Client(server.url) as opened:
+        yield opened
 
 
 def test_the_package_exports_the_clients() -> None:
@@ -55,7 +57,8 @@ def test_generate_returns_typed_images_and_reports_progress(sdk: Client, tmp_pat
         assert (image.width, image.height) == (128, 96)
         assert image.to_pil().size == (128, 96)
         path = image.save(tmp_path / f"{image.seed}.png")
-        assert Image.open(path).format == "PNG"
+        with Image.open(path) as saved:
+            assert saved.format == "PNG"
     assert seen, "no progress callback arrived"
     percentages = [progress.percentage for progress in seen]
     assert percentages == sorted(percentages)

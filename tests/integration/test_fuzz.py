@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -91,3 +92,38 @@ def test_no_operation_answers_500_or_breaks_the_schema(
         excluded_checks=[not_a_server_error, positive_data_acceptance],
         additional_checks=[no_internal_error],
     )
+
+
+# The digits that used to reach int() and answer 500: non-ASCII digits str.isdigit() takes,
+# and runs longer than int()'s 4,300-digit limit. The schema-driven fuzzing above also
+# generates the `limit` query, the integer `index` and the `Prefer`/`Last-Event-ID` headers
+# the document declares; these are the known offenders, over real HTTP.
+BAD_INTEGERS = ["\u00b2", "\u0663", "\uff11", "9" * 5000, "-1", "1e3", ""]
+
+
+def test_no_integer_parameter_answers_500_over_http(fuzz_server: ServerProcess) -> None:
+    with httpx.Client(base_url=fuzz_server.url, timeout=30) as http:
+        created = http.post(
+            "/v1/images/generations",
+            json={"prompt": "x", "width": 64, "height": 64, "steps": 1},
+            headers={"Idempotency-Key": "fuzz-digits"},
+        )
+        assert created.status_code == 201, created.text
+        job = f"/v1/images/generations/{created.json()['id']}"
+        for raw in BAD_INTEGERS:
+            header = raw.encode()
+            answers = {
+                "limit": http.get("/v1/images/generations", params={"limit": raw}),
+                "index": http.get(f"{job}/images/{quote(raw, safe='') or 'x'}"),
+                "Last-Event-ID": http.get(f"{job}/events", headers={b"Last-Event-ID": header}),
+                "Prefer": http.post(
+                    "/v1/images/generations",
+                    json={"prompt": "x", "width": 64, "height": 64, "steps": 1},
+                    headers={b"Prefer": b"wait=" + header, b"Idempotency-Key": b"fuzz-digits"},
+                ),
+            }
+            for name, response in answers.items():
+                assert response.status_code < 500, (name, raw[:10], response.text[:200])
+            if raw:
+                assert answers["limit"].status_code == 400
+                assert answers["limit"].json()["error"]["details"]["field"] == "limit"

@@ -60,11 +60,26 @@ def test_every_endpoint_but_health_needs_the_key(locked: ServerProcess) -> None:
         ("POST", "/v1/images/generations"),
         ("GET", "/v1/images/generations/gen_1_x"),
         ("DELETE", "/v1/images/generations/gen_1_x"),
+        ("GET", "/v1/images/generations/gen_1_x/events"),
+        ("GET", "/v1/images/generations/gen_1_x/images/0"),
         ("GET", "/openapi.json"),
         ("GET", "/no/such/route"),
+        ("HEAD", "/v1/images/generations"),
+        ("HEAD", "/v1/images/generations/gen_1_x"),
+        ("HEAD", "/v1/images/generations/gen_1_x/images/0"),
+        ("HEAD", "/openapi.json"),
     ]
     with httpx.Client(base_url=locked.url) as anonymous:
         assert anonymous.get("/health").status_code == 200
+        assert anonymous.head("/health").status_code == 200
+        # Without the key, /health says nothing of the model's path or the machine.
+        assert set(anonymous.get("/health").json()) == {
+            "status",
+            "busy",
+            "pollIntervalMs",
+            "maxBatch",
+            "version",
+        }
         for headers in (
             {},
             {"Authorization": "Bearer wrong-key-0123456789"},
@@ -72,13 +87,16 @@ def test_every_endpoint_but_health_needs_the_key(locked: ServerProcess) -> None:
             {"Authorization": f"Basic {KEY}"},
         ):
             for method, path in calls:
-                response = anonymous.request(method, path, headers=headers, json={"prompt": "x"})
+                body = {"prompt": "x"} if method == "POST" else None
+                response = anonymous.request(method, path, headers=headers, json=body)
                 assert response.status_code == 401, (method, path, headers)
-                assert response.json()["error"]["code"] == "UNAUTHORIZED"
+                if method != "HEAD":  # a HEAD answer has no body to read
+                    assert response.json()["error"]["code"] == "UNAUTHORIZED"
                 assert response.headers["www-authenticate"].startswith("Bearer")
     with httpx.Client(base_url=locked.url, headers={"Authorization": f"Bearer {KEY}"}) as ok:
         assert ok.get("/v1/images/generations").status_code == 200
         assert ok.get("/openapi.json").json()["security"] == [{"bearer": []}]
+        assert "model" in ok.get("/health").json()
 
 
 def test_cors_lets_the_configured_origin_poll(authed: httpx.Client) -> None:
@@ -101,6 +119,8 @@ def test_cors_lets_the_configured_origin_poll(authed: httpx.Client) -> None:
     poll_until(authed, created.json()["id"])
 
     stranger = authed.get("/v1/images/generations", headers={"Origin": "http://evil.test"})
+    assert stranger.status_code == 403
+    assert stranger.json()["error"]["code"] == "FORBIDDEN_ORIGIN"
     assert "access-control-allow-origin" not in stranger.headers
     refused = authed.options(
         "/v1/images/generations",
@@ -136,7 +156,7 @@ def test_a_declared_oversized_body_is_refused_before_it_is_sent(locked: ServerPr
     host, port = locked.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as raw:
         raw.sendall(
-            b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+            f"POST /v1/images/generations HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
             + f"Authorization: Bearer {KEY}\r\n".encode()
             + b"Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{"
         )
@@ -240,3 +260,62 @@ def test_the_client_sends_its_key(locked: ServerProcess, authed: httpx.Client) -
     with Client(locked.url) as anonymous, pytest.raises(DiffusiondClientError) as caught:
         anonymous.list()
     assert caught.value.code == "UNAUTHORIZED"
+
+
+def raw_request(url: str, request: bytes) -> tuple[int, bytes]:
+    """Send `request` as it is (no client tidies its path or headers); status and body."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(request)
+        answer = http.client.HTTPResponse(raw)
+        answer.begin()
+        return answer.status, answer.read()
+
+
+def test_a_page_on_another_origin_cannot_use_the_default_server(server: ServerProcess) -> None:
+    host = server.url.removeprefix("http://")
+    form = b'{"prompt": "x", "width": 64, "height": 64, "steps": 1}'
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        # A cross-site fetch with a "simple" body needs no preflight: the Origin stops it.
+        csrf = http.post(
+            "/v1/images/generations",
+            content=form,
+            headers={"Content-Type": "text/plain", "Origin": "http://evil.test"},
+        )
+        assert csrf.status_code == 403
+        assert csrf.json()["error"]["code"] == "FORBIDDEN_ORIGIN"
+        # DNS rebinding: evil.test now resolves to 127.0.0.1, the browser sends its name.
+        rebound = http.get(
+            "/v1/images/generations", headers={"Host": f"evil.test:{host.split(':')[1]}"}
+        )
+        assert rebound.status_code == 403
+        assert rebound.json()["error"]["code"] == "FORBIDDEN_HOST"
+        # curl -d: a form content type and no Origin still works, as the README's curl does.
+        curl = http.post(
+            "/v1/images/generations",
+            content=form,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert curl.status_code == 201, curl.text
+        poll_until(http, curl.json()["id"])
+        page = http.get("/", headers={"Host": f"localhost:{host.split(':')[1]}"})
+        assert page.status_code == 200
+
+
+def test_no_file_outside_static_is_served_to_a_raw_path(server: ServerProcess) -> None:
+    host = server.url.removeprefix("http://")
+    for path in ("/ui/../__init__.py", "/ui/%2e%2e/__init__.py", "/ui/..%2f..%2fapi/app.py"):
+        status, body = raw_request(
+            server.url, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert status == 404, (path, body[:200])
+        assert b"import" not in body, path
+
+
+def test_the_open_prefix_is_no_way_around_the_key_on_the_wire(locked: ServerProcess) -> None:
+    host = locked.url.removeprefix("http://")
+    for path in ("/ui/../v1/images/generations", "/ui/%2e%2e/openapi.json"):
+        status, body = raw_request(
+            locked.url, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert status == 401, (path, body[:200])

@@ -13,6 +13,7 @@ from diffusiond.api.app import ApiConfig, create_app
 from diffusiond.api.events import JobEvents
 from diffusiond.engine.engine import Engine
 from diffusiond.jobs.registry import GenerationRegistry
+from diffusiond.jobs.store import JobStore
 from tests.support.fakes import FakeBackend
 
 CONFIG = ApiConfig(max_batch=4, poll_interval_ms=250, heartbeat_s=15.0, event_interval_s=0.1)
@@ -33,17 +34,20 @@ def in_process_api(
     config: ApiConfig = CONFIG,
     max_queue: int = 2,
     ttl_ms: int = 60_000,
+    store: JobStore | None = None,
 ) -> Iterator[InProcessApi]:
     """A started engine and its app; on exit the engine stops and the streams end."""
     backend = backend if backend is not None else FakeBackend()
-    registry = GenerationRegistry(ttl_ms=ttl_ms)
+    registry = GenerationRegistry(ttl_ms=ttl_ms, store=store)
     engine = Engine(registry, backend, max_concurrent=1, max_queue=max_queue)
     engine.start()
     engine.load_model()
     events = JobEvents()
     app = create_app(registry, engine, config, events=events)
     try:
-        with TestClient(app, raise_server_exceptions=False) as client:
+        # A loopback name, as a browser or curl on this machine sends (the default
+        # "testserver" is a foreign Host, which the app refuses).
+        with TestClient(app, base_url="http://localhost", raise_server_exceptions=False) as client:
             yield InProcessApi(client, registry, engine, backend)
             events.close()
     finally:

@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from diffusiond import __version__
 from diffusiond.api import errors
 from diffusiond.api.bodies import RenderedBodies
 from diffusiond.api.events import JobEvents, JobFeed, last_event_id, wait_preference
+from diffusiond.api.health import check_ready, health_body
 from diffusiond.api.idempotency import IdempotencyKeys, check_idempotency_key
+from diffusiond.api.limits import StreamSlots
 from diffusiond.api.openapi import openapi_document
-from diffusiond.api.ports import JobRunner, JobSource
+from diffusiond.api.params import read_uint, shown
+from diffusiond.api.ports import JobRunner, JobSource, Offload
 from diffusiond.api.schemas import (
     DEFAULT_MAX_PIXELS,
     dump,
@@ -31,9 +34,19 @@ from diffusiond.api.schemas import (
     parse_list_query,
     summary_body,
 )
-from diffusiond.api.security import BearerKeyMiddleware
-from diffusiond.errors import DiffusiondError, NotFound, PayloadTooLarge, ServerNotReady
-from diffusiond.jobs.models import Job, JobStatus
+from diffusiond.api.security import (
+    BearerKeyMiddleware,
+    HostPolicy,
+    SameSiteMiddleware,
+    carries_key,
+)
+from diffusiond.errors import (
+    DiffusiondError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
+from diffusiond.jobs.models import GenerationRequest, Job, JobStatus
 from diffusiond.web import web_routes
 
 if TYPE_CHECKING:
@@ -55,6 +68,9 @@ class ApiConfig:
     max_body_bytes: int = DEFAULT_MAX_GENERATION_BODY_BYTES  # of POST /v1/images/generations
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
+    bound_host: str = "127.0.0.1"  # the address listened on: its Host is always allowed
+    allowed_hosts: tuple[str, ...] = ()  # further Host names (".domain", "*")
+    max_streams: int = 64  # event streams and Prefer: wait requests open at once
     heartbeat_s: float = 15.0  # a comment line on idle event streams
     event_interval_s: float = 0.1  # progress events of one stream at most 10 a second
 
@@ -67,6 +83,9 @@ class ApiConfig:
             max_body_bytes=settings.max_body_bytes,
             api_key=settings.api_key,
             cors_origins=settings.cors_origins,
+            bound_host=settings.host,
+            allowed_hosts=settings.allowed_hosts,
+            max_streams=settings.max_streams,
             heartbeat_s=settings.sse_heartbeat_ms / 1000,
         )
 
@@ -75,10 +94,22 @@ def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None)
     return Response(body, status, headers=headers, media_type="application/json")
 
 
+def _declared_length(raw: str, limit: int) -> int:
+    length = read_uint(raw.strip())
+    if length is None:
+        if raw.strip().isdigit():  # ASCII digits, only too many of them: over any limit
+            return limit + 1
+        rule = "a whole number of bytes"
+        raise InvalidRequest(
+            f"Content-Length must be {rule}, got {shown(raw)}", field="Content-Length", rule=rule
+        )
+    return length
+
+
 async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The body, refused with 413 as soon as it is known to be over `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = request.headers.get("content-length")
+    if declared is not None and _declared_length(declared, limit) > limit:
         raise PayloadTooLarge(f"the request body is over {limit} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -88,6 +119,23 @@ async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
             raise PayloadTooLarge(f"the request body is over {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class _HeldStream(StreamingResponse):
+    """A stream that holds one of the open-stream slots until it is done, however it ends
+    (the client may leave before the first byte: the slot still comes back)."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], *, release: Callable[[], None], **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 class _Endpoints:
@@ -106,6 +154,10 @@ class _Endpoints:
         self._bodies = bodies
         self._openapi: bytes | None = None
         self._keys = IdempotencyKeys(registry.exists)
+        registry.add_listener(self._keys.on_change)
+        self._slots = StreamSlots(config.max_streams)
+        self._offload = Offload(registry, engine)  # every port call below goes through it
+        self._keys_lock = asyncio.Lock()  # IdempotencyKeys is not thread-safe: one at a time
         self._feed = JobFeed(
             registry,
             events,
@@ -113,20 +165,24 @@ class _Endpoints:
             queue_position=engine.queue_position,
             heartbeat_s=config.heartbeat_s,
             event_interval_s=config.event_interval_s,
+            offload=self._offload,
         )
 
     # One route per path, so a wrong method's 405 lists every method the path allows.
     async def generations(self, request: Request) -> Response:
         if request.method == "POST":
             return await self.create(request)
-        return self.list(request)
+        return await self._offload(self.list, request)
 
     async def generation(self, request: Request) -> Response:
         job_id = request.path_params["id"]
         if request.method == "DELETE":
-            job = self._engine.cancel(job_id)
+            job = await self._offload(self._engine.cancel, job_id)
             return _json(dump({"id": job.id, "status": job.status.value}))
-        return _json(self._render(self._registry.get(job_id)))
+        return _json(await self._offload(self._render_by_id, job_id))
+
+    def _render_by_id(self, job_id: str) -> bytes:
+        return self._render(self._registry.get(job_id))
 
     def _render(self, job: Job) -> bytes:
         position = self._engine.queue_position(job.id) if job.status is JobStatus.PENDING else None
@@ -142,40 +198,54 @@ class _Endpoints:
         )
         # A body with images takes milliseconds to check (base64, a full decode): off the
         # event loop, so that polls and streams of other jobs are not held up meanwhile.
-        parsed = parse() if len(body) <= MAX_BODY_BYTES else await run_in_threadpool(parse)
+        parsed = parse() if len(body) <= MAX_BODY_BYTES else await asyncio.to_thread(parse)
         raw_key = request.headers.get("idempotency-key")
         key = check_idempotency_key(raw_key) if raw_key is not None else None
         wait_s = wait_preference(request)
+        if not wait_s:
+            return await self._start(parsed, key, wait_s)
+        with self._slots.held():  # refused before anything starts when every slot is held
+            return await self._start(parsed, key, wait_s)
+
+    async def _start(
+        self, parsed: GenerationRequest, key: str | None, wait_s: int | None
+    ) -> Response:
         headers: dict[str, str] = {}
         if wait_s is not None:
             headers["Preference-Applied"] = f"wait={wait_s}"
-        replayed = self._keys.replay(key, parsed) if key is not None else None
+        replayed = None
+        if key is not None:
+            async with self._keys_lock:
+                replayed = await self._offload(self._keys.replay, key, parsed)
         if replayed is not None:
-            job = self._registry.get(replayed)
+            job = await self._offload(self._registry.get, replayed)
             headers |= {
                 "Location": f"/v1/images/generations/{job.id}",
                 "Idempotent-Replayed": "true",
             }
             if wait_s:
                 job = await self._feed.wait_terminal(job, wait_s)
-            return _json(self._render(job), 200, headers)
-        job = self._engine.submit(parsed)
+            return _json(await self._offload(self._render, job), 200, headers)
+        job = await self._offload(self._engine.submit, parsed)
         if key is not None:
-            self._keys.remember(key, parsed, job.id)
+            async with self._keys_lock:
+                await self._offload(self._keys.remember, key, parsed, job.id)
         headers["Location"] = f"/v1/images/generations/{job.id}"
         if wait_s:
             job = await self._feed.wait_terminal(job, wait_s)
             if job.status.is_terminal():
-                return _json(self._render(job), 200, headers)
+                return _json(await self._offload(self._render, job), 200, headers)
         created = {"id": job.id, "status": job.status.value, "createdAt": job.created_at}
         return _json(dump(created), 201, headers)
 
     async def events(self, request: Request) -> Response:
         job_id = request.path_params["id"]
-        self._registry.get(job_id)  # an unknown id is a 404 before any stream starts
+        await self._offload(self._registry.get, job_id)  # an unknown id: 404 before a stream
         stream = self._feed.stream(job_id, last_event_id(request))
-        return StreamingResponse(
+        self._slots.take()
+        return _HeldStream(
             stream,
+            release=self._slots.give_back,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -183,16 +253,18 @@ class _Endpoints:
     async def image(self, request: Request) -> Response:
         job_id = request.path_params["id"]
         raw_index = request.path_params["index"]
-        job = self._registry.get(job_id)
+        job = await self._offload(self._registry.get, job_id)
         if job.result is None:
             raise NotFound(
                 f"generation {job_id} is {job.status.value}: its images exist only once it is "
                 "complete"
             )
         count = len(job.result.images)
-        if not raw_index.isdigit() or int(raw_index) >= count:
-            raise NotFound(f"generation {job_id} has images 0 to {count - 1}, not {raw_index!r}")
-        index = int(raw_index)
+        index = read_uint(raw_index)
+        if index is None or index >= count:
+            raise NotFound(
+                f"generation {job_id} has images 0 to {count - 1}, not {shown(raw_index)}"
+            )
         image = job.result.images[index]
         name = f"{job_id}-{index}-seed{image.seed}.png"
         return Response(
@@ -219,37 +291,19 @@ class _Endpoints:
             )
         return _json(self._openapi)
 
-    async def health(self, _request: Request) -> Response:
-        engine = self._engine
-        if not engine.ready:
-            reason = engine.load_error
-            raise ServerNotReady(
-                f"the model failed to load: {reason}" if reason else "the model is still loading"
-            )
-        stats = engine.stats()
-        info = engine.info()
-        return _json(
-            dump(
-                {
-                    "status": "ok",
-                    "busy": stats.running > 0 or stats.admitted > 0,
-                    "pollIntervalMs": self._config.poll_interval_ms,
-                    "activeGenerations": stats.running,
-                    "queueDepth": max(0, stats.admitted - stats.running),
-                    "maxConcurrent": stats.max_concurrent,
-                    "maxQueue": engine.max_queue,
-                    "draining": engine.draining,
-                    "maxBatch": self._config.max_batch,
-                    "backend": info.name,
-                    "model": info.model,
-                    "device": info.device,
-                    "dtype": info.dtype,
-                    "architecture": info.architecture,
-                    "version": __version__,
-                    **engine.health_extra(),
-                }
-            )
+    async def health(self, request: Request) -> Response:
+        api_key = self._config.api_key
+        full = api_key is None or carries_key(request.headers, api_key)
+        check_ready(self._engine, full=full)
+        body = await self._offload(
+            health_body,
+            self._engine,
+            poll_interval_ms=self._config.poll_interval_ms,
+            max_batch=self._config.max_batch,
+            open_streams=self._slots.open,
+            full=full,
         )
+        return _json(dump(body))
 
 
 def create_app(
@@ -274,7 +328,14 @@ def create_app(
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
         *web_routes(),
     ]
-    middleware = []
+    # Outermost: a request for a foreign Host or from a foreign Origin goes no further.
+    middleware = [
+        Middleware(
+            SameSiteMiddleware,
+            hosts=HostPolicy(config.bound_host, config.allowed_hosts),
+            cors_origins=config.cors_origins,
+        )
+    ]
     if config.cors_origins:
         middleware.append(
             Middleware(

@@ -19,6 +19,8 @@ from diffusiond.errors import (
     PayloadTooLarge,
     ServerBusy,
     ServerNotReady,
+    StoreError,
+    TooManyStreams,
 )
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,21 @@ _DOMAIN_ERRORS: dict[type[DiffusiondError], tuple[int, str, str | None]] = {
         "Every worker is busy: retry after the number of seconds in Retry-After.",
     ),
     ServerNotReady: (503, "SERVER_NOT_READY", "Retry once GET /health answers 200."),
+    TooManyStreams: (
+        503,
+        "SERVER_BUSY",
+        "Too many event streams and waits are open: poll instead, or retry after the "
+        "number of seconds in Retry-After.",
+    ),
+    StoreError: (
+        503,
+        "STORE_UNAVAILABLE",
+        "The server could not save the job (its disk or database failed): retry after "
+        "the number of seconds in Retry-After.",
+    ),
 }
+
+STORE_RETRY_AFTER_S = 5
 
 
 def error_response(
@@ -70,9 +86,17 @@ def _mapping_for(exc: DiffusiondError) -> tuple[int, str, str | None]:
 async def domain_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DiffusiondError)
     status, code, suggestion = _mapping_for(exc)
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, ServerBusy) else None
+    headers = None
+    message = exc.message
+    if isinstance(exc, ServerBusy):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, StoreError):
+        # What failed (a path, a database message) goes to the log, not to the client.
+        log.error("a store write failed: %s", exc.message)
+        message = "the job store could not save the change, which was not made"
+        headers = {"Retry-After": str(STORE_RETRY_AFTER_S)}
     return error_response(
-        status, code, exc.message, suggestion=suggestion, details=exc.details, headers=headers
+        status, code, message, suggestion=suggestion, details=exc.details, headers=headers
     )
 
 

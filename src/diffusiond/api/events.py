@@ -19,7 +19,8 @@ from contextlib import contextmanager, suppress
 
 from starlette.requests import Request
 
-from diffusiond.api.ports import JobSource
+from diffusiond.api.params import read_uint
+from diffusiond.api.ports import JobSource, Offload
 from diffusiond.errors import NotFound
 from diffusiond.jobs.models import Job, JobChanged
 
@@ -116,8 +117,10 @@ def sse_event(event_id: int, name: str, data: bytes) -> bytes:
 
 
 def last_event_id(request: Request) -> int | None:
-    raw = request.headers.get("last-event-id", "").strip()
-    return int(raw) if raw.isdigit() else None
+    """The `Last-Event-ID` a reconnecting client sends; None when absent or not one of the
+    ids this server sends (ASCII digits): the stream then starts from the job's state now,
+    as for a first connection, rather than refusing the client."""
+    return read_uint(request.headers.get("last-event-id", "").strip())
 
 
 def wait_preference(request: Request) -> int | None:
@@ -126,8 +129,9 @@ def wait_preference(request: Request) -> int | None:
     for header in request.headers.getlist("prefer"):
         for preference in header.split(","):
             name, _, value = preference.strip().partition("=")
-            if name.strip().lower() == "wait" and value.strip().isdigit():
-                return min(int(value.strip()), MAX_WAIT_S)
+            seconds = read_uint(value.strip())
+            if name.strip().lower() == "wait" and seconds is not None:
+                return min(seconds, MAX_WAIT_S)
     return None
 
 
@@ -144,6 +148,7 @@ class JobFeed:
         heartbeat_s: float,
         event_interval_s: float,
         clock: Clock = time.monotonic,
+        offload: Offload | None = None,
     ) -> None:
         self._registry = registry
         self._events = events
@@ -152,6 +157,7 @@ class JobFeed:
         self._heartbeat_s = heartbeat_s
         self._event_interval_s = event_interval_s
         self._clock = clock
+        self._offload = offload if offload is not None else Offload()  # see api/ports.py
 
     async def wait_terminal(self, job: Job, wait_s: float) -> Job:
         """The job once terminal, or as it is after `wait_s` seconds; woken by changes."""
@@ -159,7 +165,7 @@ class JobFeed:
         with self._events.subscribe(job.id) as changed:
             while True:
                 changed.clear()
-                job = self._registry.get(job.id)
+                job = await self._offload(self._registry.get, job.id)
                 left = deadline - asyncio.get_running_loop().time()
                 if job.status.is_terminal() or left <= 0 or self._events.closed:
                     return job
@@ -180,13 +186,14 @@ class JobFeed:
             while not self._events.closed:
                 changed.clear()
                 try:
-                    job = self._registry.get(job_id)
+                    job = await self._offload(self._registry.get, job_id)
                 except NotFound:
                     return  # evicted or expired while followed: nothing more to say
                 if job.status.is_terminal():
-                    yield sse_event(job.version, job.status.value, self._render(job))
+                    body = await self._offload(self._render, job)
+                    yield sse_event(job.version, job.status.value, body)
                     return
-                position = self._queue_position(job_id)
+                position = await self._offload(self._queue_position, job_id)
                 resumed = last_id is not None and sent is None and job.version <= last_id
                 if not resumed and sent != (job.version, position):
                     early = pacer.delay_s()
@@ -194,7 +201,7 @@ class JobFeed:
                         with suppress(TimeoutError):
                             await asyncio.wait_for(changed.wait(), early)
                         continue
-                    yield sse_event(job.version, "progress", self._render(job))
+                    yield sse_event(job.version, "progress", await self._offload(self._render, job))
                     sent = (job.version, position)
                     pacer.sent()
                 elif resumed:

@@ -187,7 +187,16 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                 "status": {"const": "ok"},
                 "busy": {"type": "boolean"},
                 "pollIntervalMs": {"type": "integer", "minimum": 1},
+                "maxBatch": {"type": "integer", "minimum": 1},
+                "version": {"type": "string"},
+                "openStreams": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "with the key: event streams and waits open now",
+                },
             },
+            "description": "without the API key (where one is set) only status, busy, "
+            "pollIntervalMs, maxBatch and version",
         },
         "Error": {
             "type": "object",
@@ -211,6 +220,8 @@ def _schemas(max_batch: int) -> dict[str, Any]:
 def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
     """The document for a server with these settings."""
     unauthorized = {"401": _error("missing or wrong API key")} if secured else {}
+    # Every operation: a Host this server does not answer to, or a foreign Origin.
+    unauthorized["403"] = _error("FORBIDDEN_HOST or FORBIDDEN_ORIGIN: another site's request")
     paths: dict[str, Any] = {
         "/v1/images/generations": {
             "post": {
@@ -244,7 +255,10 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
                     "400": _error("a field breaks a rule"),
                     "409": _error("the Idempotency-Key was used for a different body"),
                     "413": _error("the body is over the server's max body bytes (default 24 MiB)"),
-                    "503": _error("busy (with Retry-After) or the model is not ready"),
+                    "503": _error(
+                        "busy, every stream slot held (Prefer: wait), the store failed (all "
+                        "with Retry-After), or the model is not ready"
+                    ),
                     **unauthorized,
                 },
             },
@@ -296,6 +310,7 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
                     "200": _json(_ref("Cancelled"), "cancelled (idempotent)"),
                     "404": _error("unknown or expired id"),
                     "409": _error("already complete or failed"),
+                    "503": _error("the store could not save the change (with Retry-After)"),
                     **unauthorized,
                 },
             },
@@ -304,12 +319,22 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
             "parameters": [_ID_PARAM],
             "get": {
                 "operationId": "generationEvents",
+                "parameters": [
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "description": "resume: only states newer than this event id (a value "
+                        "that is not one is ignored)",
+                        "schema": {"type": "string"},
+                    },
+                ],
                 "responses": {
                     "200": {
                         "description": "server-sent events: progress..., then the final state",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
                     "404": _error("unknown or expired id"),
+                    "503": _error("every stream slot is held (with Retry-After)"),
                     **unauthorized,
                 },
             },
@@ -317,7 +342,12 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
         "/v1/images/generations/{id}/images/{index}": {
             "parameters": [
                 _ID_PARAM,
-                {"name": "index", "in": "path", "required": True, "schema": {"type": "string"}},
+                {
+                    "name": "index",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "integer", "minimum": 0},
+                },
             ],
             "get": {
                 "operationId": "generationImage",
@@ -337,6 +367,7 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
                 "responses": {
                     "200": _json(_ref("Health"), "ready"),
                     "503": _error("the model is loading or failed to load"),
+                    "403": unauthorized["403"],
                 },
             },
         },

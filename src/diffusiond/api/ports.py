@@ -7,13 +7,17 @@ Redis and run on worker processes.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
-from collections.abc import Collection
-from typing import Protocol
+from collections.abc import Callable, Collection
+from typing import ParamSpec, Protocol, TypeVar
 
 from diffusiond.backends.base import BackendInfo
 from diffusiond.engine.engine import EngineStats
 from diffusiond.jobs.models import GenerationRequest, Job, JobListener, JobStatus
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class JobSource(Protocol):
@@ -25,7 +29,10 @@ class JobSource(Protocol):
 
     def list(
         self, statuses: Collection[JobStatus] | None = None, limit: int | None = None
-    ) -> builtins.list[Job]: ...
+    ) -> builtins.list[Job]:
+        """Newest first; enough for a listing's summaries (a broker leaves out the progress
+        and the result, which a listing does not show)."""
+        ...
 
     def add_listener(self, listener: JobListener) -> None: ...
 
@@ -56,3 +63,19 @@ class JobRunner(Protocol):
 
     @property
     def draining(self) -> bool: ...
+
+
+class Offload:
+    """How a handler calls the ports: inline where a call takes microseconds (one process),
+    on a worker thread where an implementation says it blocks (a class attribute
+    `blocks_event_loop = True`: the broker's calls are Redis round trips, which a slow or
+    paused Redis holds for seconds). So a slow Redis holds up only the requests that need
+    it, never the event loop, the other requests and the streams."""
+
+    def __init__(self, *ports: object) -> None:
+        self.blocking = any(getattr(port, "blocks_event_loop", False) for port in ports)
+
+    async def __call__(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        if self.blocking:
+            return await asyncio.to_thread(function, *args, **kwargs)
+        return function(*args, **kwargs)

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from diffusiond.api.edit_fields import default_size, parse_edit_inputs
+from diffusiond.api.params import int_param
 from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import (
     SAMPLERS,
@@ -216,14 +217,7 @@ def parse_list_query(
     if limits:
         if len(limits) > 1:
             raise InvalidRequest("limit may be given once", field="limit", rule="given once")
-        text = limits[0].strip()
-        if not text.isdigit() or not 1 <= int(text) <= MAX_LIST_LIMIT:
-            raise InvalidRequest(
-                f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, got {_show(limits[0])}",
-                field="limit",
-                rule=f"integer 1..{MAX_LIST_LIMIT}",
-            )
-        limit = int(text)
+        limit = int_param(limits[0], name="limit", low=1, high=MAX_LIST_LIMIT)
     return (frozenset(wanted) if wanted else None), limit
 
 

@@ -13,6 +13,8 @@ import diffusers
 import torch
 from diffusers.utils import logging as diffusers_logging
 
+from diffusiond.backends.acceleration import compile_pipeline, use_channels_last
+from diffusiond.backends.allocator import share_one_malloc_arena
 from diffusiond.backends.base import (
     BackendInfo,
     CancelCheck,
@@ -124,8 +126,13 @@ class DiffusersBackend:
         torch_threads: int,
         dtype: str = "auto",
         model_config: Path | None = None,
+        channels_last: bool = True,
+        compile_model: bool = False,
     ) -> None:
+        share_one_malloc_arena()  # before the engine's workers start: see allocator.py
         self._model_path = model_path
+        self._channels_last = channels_last
+        self._compile_model = compile_model
         self._model_config = model_config
         self._home = home
         self._requested_device = device
@@ -136,6 +143,7 @@ class DiffusersBackend:
         self._device = "cpu"
         self._dtype_name = "float32"
         self._load_lock = threading.Lock()
+        self._thread_state = threading.local()
 
     def load(self) -> None:
         with self._load_lock:
@@ -170,6 +178,10 @@ class DiffusersBackend:
         else:
             pipeline = self._load_folder(path, dtype)
         pipeline.to(self._device)
+        if self._channels_last:
+            use_channels_last(pipeline)
+        if self._compile_model:
+            compile_pipeline(pipeline, self._home)
         pipeline.set_progress_bar_config(disable=True)
         trim_heap()
         return pipeline
@@ -251,6 +263,7 @@ class DiffusersBackend:
     ) -> Image:
         if self._pipeline is None:
             raise RuntimeError("the model is not loaded")
+        self._prepare_thread()
         on_stage(Stage.LOADING, 0, 1)
         edit = prepare_edit(spec, inpainting_unet=is_inpainting_unet(self._pipeline))
         if edit is None:
@@ -275,6 +288,19 @@ class DiffusersBackend:
             image = paste_back(image, edit)
         on_stage(Stage.DECODING, 1, 1)
         return image
+
+    def _prepare_thread(self) -> None:
+        """Settings torch keeps per thread, made on the thread that generates.
+
+        The server loads on one thread and generates on another: OpenMP's thread count is
+        a per-thread setting, and so is flushing denormal numbers to zero (the CPU's
+        control register), which keeps a step's tiny values from the slow path.
+        """
+        if getattr(self._thread_state, "prepared", False):
+            return
+        torch.set_num_threads(self._torch_threads)
+        torch.set_flush_denormal(True)
+        self._thread_state.prepared = True
 
     def _encode(self, pipeline: Any, spec: ImageSpec) -> dict[str, Any]:
         """The prompt's embeddings, as keyword arguments of the pipeline's call."""

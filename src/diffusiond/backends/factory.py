@@ -27,6 +27,7 @@ def make_backend(settings: Settings) -> Backend:
             torch_threads=settings.torch_threads,
             dtype=settings.dtype,
             model_config=settings.model_config,
+            compile_model=settings.compile,
         )
     module_name, _, attribute = settings.backend.partition(":")
     if not module_name or not attribute:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError
 
 from diffusiond.errors import ServerNotReady
+from diffusiond.redaction import redact_text, redact_url
 
 T = TypeVar("T")
 
@@ -27,7 +28,7 @@ CALL_TIMEOUT_S = 10.0
 
 class LoopThread:
     def __init__(self, broker_url: str) -> None:
-        self._url = broker_url
+        self._shown_url = redact_url(broker_url)  # what messages may say of the broker
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="broker-loop", daemon=True
@@ -46,11 +47,11 @@ class LoopThread:
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise ServerNotReady(
-                f"the broker (--broker {self._url}) did not answer within {timeout_s:g} s"
+                f"the broker (--broker {self._shown_url}) did not answer within {timeout_s:g} s"
             ) from None
         except (RedisError, OSError) as exc:
             raise ServerNotReady(
-                f"the broker (--broker {self._url}) is unreachable: {exc}"
+                f"the broker (--broker {self._shown_url}) is unreachable: {redact_text(str(exc))}"
             ) from None
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> concurrent.futures.Future[None]:
@@ -59,3 +60,5 @@ class LoopThread:
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()

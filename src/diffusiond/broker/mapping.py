@@ -119,13 +119,13 @@ def _result(data: Json) -> Result:
     return Result(images, data["timeTaken"], timings=timings)
 
 
-def _finished(job: SaqJob) -> tuple[JobStatus, dict[str, Any]]:
+def _finished(job: SaqJob, *, with_result: bool) -> tuple[JobStatus, dict[str, Any]]:
     """The status and fields of a job SAQ has finished."""
     if job.status is Status.COMPLETE:
         outcome: Json = job.result if isinstance(job.result, dict) else {}
         kind = outcome.get("outcome")
         if kind == "complete":
-            return JobStatus.COMPLETE, {"result": _result(outcome)}
+            return JobStatus.COMPLETE, {"result": _result(outcome)} if with_result else {}
         if kind == "cancelled":
             return JobStatus.CANCELLED, {}
         if kind == "error":
@@ -136,8 +136,12 @@ def _finished(job: SaqJob) -> tuple[JobStatus, dict[str, Any]]:
     return JobStatus.ERROR, {"error": JobError(INTERNAL_MESSAGE, ErrorCode.UNKNOWN_ERROR)}
 
 
-def to_job(job: SaqJob, cancelled_at: int | None) -> Job:
-    """Our view of a SAQ job record; `cancelled_at` is its cancel mark (ms), if any."""
+def to_job(job: SaqJob, cancelled_at: int | None, *, summary: bool = False) -> Job:
+    """Our view of a SAQ job record; `cancelled_at` is its cancel mark (ms), if any.
+
+    A `summary` (for a listing) leaves out the progress and the result: status, times and
+    version are all a listing shows, and decoding every image of a list is what it avoids.
+    """
     meta = job.meta or {}
     version = int(meta.get("v", 0))
     fields: dict[str, Any] = {}
@@ -152,12 +156,16 @@ def to_job(job: SaqJob, cancelled_at: int | None) -> Job:
         status = JobStatus.IN_PROGRESS
         raw = meta.get("progress")
         fields["progress"] = (
-            progress_from_json(raw)
-            if raw
-            else Progress(Stage.LOADING, 0, 0, 0.0, 1, (job.kwargs or {})["request"]["count"])
+            None
+            if summary
+            else (
+                progress_from_json(raw)
+                if raw
+                else Progress(Stage.LOADING, 0, 0, 0.0, 1, (job.kwargs or {})["request"]["count"])
+            )
         )
     else:
-        status, fields = _finished(job)
+        status, fields = _finished(job, with_result=not summary)
         version += 1
     return Job(
         id=job.key,

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Collection
+from collections.abc import AsyncGenerator, Awaitable, Collection
 from typing import Any, cast
 
 from redis.exceptions import RedisError
@@ -23,6 +23,7 @@ from saq.types import WorkerStats
 
 from diffusiond.backends.base import BackendInfo
 from diffusiond.broker.bridge import LoopThread
+from diffusiond.broker.listing import CreatedIndex
 from diffusiond.broker.mapping import request_to_json, to_job
 from diffusiond.broker.queue import (
     ADMISSION_LOCK,
@@ -41,6 +42,8 @@ from diffusiond.jobs.models import GenerationRequest, Job, JobChanged, JobListen
 log = logging.getLogger(__name__)
 
 _CACHED_TERMINAL = 16
+WATCH_RETRY_S = 0.1  # the first wait before subscribing again, doubled up to the max
+WATCH_RETRY_MAX_S = 5.0
 
 # DELETE, atomically: refuse a missing or finished job, else leave the cancel mark.
 _CANCEL_SCRIPT = """
@@ -78,12 +81,15 @@ class BrokerRegistry:
     finished jobs on its own, so no deletion is reported.
     """
 
+    blocks_event_loop = True  # each call waits on Redis: api/ports.py `Offload`
+
     def __init__(self, bridge: LoopThread, queue: RedisQueue) -> None:
         self._bridge = bridge
         self._queue = queue
         self._listeners: list[JobListener] = []
         self._statuses: dict[str, JobStatus] = {}
         self._terminal: OrderedDict[str, Job] = OrderedDict()
+        self.index = CreatedIndex(queue)
 
     def add_listener(self, listener: JobListener) -> None:
         self._listeners.append(listener)
@@ -100,10 +106,8 @@ class BrokerRegistry:
     def list(
         self, statuses: Collection[JobStatus] | None = None, limit: int | None = None
     ) -> builtins.list[Job]:
-        jobs = self._bridge.call(self._all())
-        found = [job for job in jobs if statuses is None or job.status in statuses]
-        found.sort(key=lambda job: (job.created_at, job.id), reverse=True)
-        return found[:limit] if limit is not None else found
+        """Newest first, as summaries (no progress, no result): see broker/listing.py."""
+        return self._bridge.call(self.index.newest(statuses, limit))
 
     async def fetch(self, job_id: str) -> Job:
         """The job now (on the bridge loop); NotFound when unknown or expired."""
@@ -125,28 +129,51 @@ class BrokerRegistry:
                 self._terminal.popitem(last=False)
         return job
 
-    async def _all(self) -> builtins.list[Job]:
-        saq_jobs = [job async for job in self._queue.iter_jobs()]
-        if not saq_jobs:
-            return []
-        marks = await self._queue.redis.mget([cancel_key(job.key) for job in saq_jobs])
-        return [
-            to_job(job, int(mark) if mark is not None else None)
-            for job, mark in zip(saq_jobs, marks, strict=True)
-        ]
-
     async def watch(self) -> None:
-        """Relay SAQ's job notifications to the listeners until cancelled (bridge loop)."""
+        """Relay SAQ's job notifications to the listeners until cancelled (bridge loop).
+
+        When Redis goes away (a restart, a network cut) the subscription is made again, at
+        growing intervals (WATCH_RETRY_S up to WATCH_RETRY_MAX_S), logged once per outage;
+        once back, every waiter is woken, since notifications sent meanwhile are lost.
+        """
+        retry_s = WATCH_RETRY_S
+        lost = False
+        while True:
+            try:
+                async with contextlib.aclosing(self._notifications()) as notifications:
+                    async for message in notifications:
+                        if lost:
+                            log.info("broker notifications resumed")
+                            lost, retry_s = False, WATCH_RETRY_S
+                            self._wake_all()
+                        if message is not None:
+                            self._relay(*message)
+            except (RedisError, OSError) as exc:
+                if not lost:
+                    log.warning("broker notifications lost (%s): reconnecting", exc)
+                    lost = True
+            await asyncio.sleep(retry_s)
+            retry_s = min(retry_s * 2, WATCH_RETRY_MAX_S)
+
+    async def _notifications(self) -> AsyncGenerator[tuple[str, str] | None, None]:
+        """None once subscribed, then (channel, SAQ status) per notification, until Redis
+        fails (its error raised)."""
         pubsub = self._queue.redis.pubsub()
-        await pubsub.psubscribe(self._queue.job_id("*"))
         try:
+            await pubsub.psubscribe(self._queue.job_id("*"))
+            yield None
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
                 if message is not None and message["type"] == "pmessage":
-                    self._relay(message["channel"].decode(), message["data"].decode())
+                    yield message["channel"].decode(), message["data"].decode()
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _wake_all(self) -> None:
+        change = JobChanged("", status_changed=True)  # a status change wakes every waiter
+        for listener in self._listeners:
+            listener(change)
 
     def _relay(self, channel: str, saq_status: str) -> None:
         job_id = self._queue.job_key_from_id(channel)
@@ -166,6 +193,8 @@ class BrokerEngine(Admission):
     running, counted in Redis under a short Redis lock, so that API nodes admitting at the
     same moment cannot overfill the queue together.
     """
+
+    blocks_event_loop = True  # each call waits on Redis: api/ports.py `Offload`
 
     def __init__(
         self,
@@ -247,6 +276,7 @@ class BrokerEngine(Admission):
                 ttl=self._options.ttl_s,
             )
             await self._queue.enqueue(job)
+            await self._registry.index.add(job.key, job.queued)
         return to_job(job, None)
 
     async def _cancel(self, job_id: str) -> None:

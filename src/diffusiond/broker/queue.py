@@ -15,6 +15,10 @@ SWEPT_MARK = "diffusiond: worker lost (heartbeat lapsed)"
 CANCEL_PREFIX = f"diffusiond:{QUEUE_NAME}:cancel:"
 CANCEL_REASON = "cancelled by the user"
 ADMISSION_LOCK = f"diffusiond:{QUEUE_NAME}:admission"
+# Every job's id, scored by its creation time (ms): a listing reads it newest first, page by
+# page, instead of every record SAQ keeps. Records expire on their own; an id whose record
+# is gone is dropped when a listing or a submit meets it.
+CREATED_INDEX = f"diffusiond:{QUEUE_NAME}:created"
 # A cancel mark outlives its job's record, which expires `ttl` after the job ends.
 CANCEL_MARK_SLACK_S = 3600
 
@@ -46,8 +50,8 @@ class JobOptions:
         return self.ttl_s + CANCEL_MARK_SLACK_S
 
 
-def open_queue(url: str) -> RedisQueue:
-    """The diffusiond queue at `url` (not yet connected)."""
-    queue = RedisQueue.from_url(url, name=QUEUE_NAME, swept_error_message=SWEPT_MARK)
-    assert isinstance(queue, RedisQueue)
+def open_queue(url: str, kind: type[RedisQueue] = RedisQueue) -> RedisQueue:
+    """The diffusiond queue at `url` (not yet connected), as a `kind` (a worker's own)."""
+    queue = kind.from_url(url, name=QUEUE_NAME, swept_error_message=SWEPT_MARK)
+    assert isinstance(queue, kind)
     return queue

@@ -7,7 +7,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit, urlunsplit
 
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
@@ -18,6 +17,7 @@ from diffusiond.broker.bridge import LoopThread
 from diffusiond.broker.node import BrokerEngine, BrokerRegistry
 from diffusiond.broker.queue import JobOptions, open_queue
 from diffusiond.errors import SettingsError
+from diffusiond.redaction import redact_text, redact_url
 from diffusiond.serving import GracefulServer
 from diffusiond.settings import Settings
 
@@ -37,7 +37,10 @@ class BrokerService:
             self.bridge.call(self._connect(), timeout_s=10)
         except Exception as exc:
             self.bridge.stop()
-            raise SettingsError(f"--broker {settings.broker}: cannot reach Redis: {exc}") from None
+            raise SettingsError(
+                f"--broker {redact_url(settings.broker)}: cannot reach Redis: "
+                + redact_text(str(exc))
+            ) from None
         self.registry = BrokerRegistry(self.bridge, self.queue)
         self.engine = BrokerEngine(
             self.bridge,
@@ -77,12 +80,13 @@ class BrokerService:
             try:
                 self.bridge.call(self.queue.disconnect(), timeout_s=5)
             except Exception as exc:  # stopping anyway
-                log.debug("broker disconnect: %s", exc)
+                log.debug("broker disconnect: %s", exc)  # the log filter masks credentials
             self.bridge.stop()
 
     def run(self) -> int:
         server = GracefulServer(self.app(), self.settings, lambda _signal: self._stop(server))
-        print(f"diffusiond: API node of the queue at {redacted(self.settings.broker)}", flush=True)
+        shown = redact_url(self.settings.broker)
+        print(f"diffusiond: API node of the queue at {shown}", flush=True)
         server.run_until_stopped()
         return 0
 
@@ -97,19 +101,12 @@ class BrokerService:
         threading.Thread(target=stop, name="stop", daemon=True).start()
 
 
-def redacted(url: str | None) -> str:
-    """The broker URL without its password, for the log."""
-    parts = urlsplit(url or "")
-    if parts.password is None:
-        return url or ""
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-
-
 def serve_broker(settings: Settings) -> int:
     """Serve as an API node of the queue at `settings.broker` (`diffusiond serve --broker`)."""
     try:
         service = BrokerService(settings)
     except RedisError as exc:
-        raise SettingsError(f"--broker {settings.broker}: {exc}") from None
+        raise SettingsError(
+            f"--broker {redact_url(settings.broker)}: {redact_text(str(exc))}"
+        ) from None
     return service.run()

@@ -8,6 +8,13 @@ runs, so a live worker is never swept. Each of those writes also reads the job's
 the per-step callback then stops the pipeline cooperatively at its next step. SAQ's own
 abort (which cancels the job's task) is honoured the same way. How this differs from the
 in-process engine, and why, is said once, in diffusiond.engine.run.
+
+The generation thread is always accounted for: whatever ends the job function (a finished
+run, an abort, a stop signal, or a Redis error while publishing), the thread is told to stop
+and waited for before the function returns, so a worker never draws two jobs at once. And a
+job never goes back to pending: one stopped past the shutdown grace ends as an error
+(WORKER_LOST, "submit it again") instead of SAQ's re-queueing, because the contract says a
+job ends complete, error or cancelled, and `cancelled` is kept for what a user asked for.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from saq import Worker
 from saq.job import Job as SaqJob
+from saq.job import Status
 from saq.queue.redis import RedisQueue
 from saq.types import Context, PartialTimersDict
 
@@ -45,11 +53,34 @@ from diffusiond.engine.run import (
     model_name,
 )
 from diffusiond.errors import SettingsError
-from diffusiond.jobs.models import Progress
+from diffusiond.jobs.models import ErrorCode, JobError, Progress
 from diffusiond.memory import trim_heap
+from diffusiond.redaction import redact_text, redact_url
 from diffusiond.settings import Settings
 
 log = logging.getLogger(__name__)
+
+BROKER_LOST = JobError(
+    "The worker lost its connection to the broker while this generation ran; submit it again.",
+    ErrorCode.WORKER_LOST,
+)
+STOPPED = JobError(
+    "The worker was stopped before this generation finished (its shutdown grace ran out); "
+    "submit it again.",
+    ErrorCode.WORKER_LOST,
+)
+# After the grace, SAQ cancels the job function and waits this long for it: the generation
+# stops at its next diffusion step, which on a CPU may take seconds (SAQ's default is 1 s).
+CANCEL_DEADLINE_S = 30.0
+
+
+class WorkerQueue(RedisQueue):
+    """The queue as a worker uses it: SAQ's retry (what it does to a job whose function it
+    cancelled at shutdown) ends the job instead, as an error; a job runs once."""
+
+    async def retry(self, job: SaqJob, error: str | None) -> None:
+        log.warning("job %s ended WORKER_LOST: the worker stopped (%s)", job.key, error)
+        await self.finish(job, Status.COMPLETE, result=error_outcome(STOPPED))
 
 
 def saq_outcome(outcome: Outcome) -> Json:
@@ -140,22 +171,38 @@ class WorkerRuntime:
         try:
             await publisher.follow(run, generation)
         except asyncio.CancelledError:  # SAQ's abort, or the worker stopping
-            run.cancel()
-            await asyncio.wait({generation})  # the thread stops at its next step
+            await _stopped(run, generation)
             raise
+        except (RedisError, OSError) as exc:  # Redis failed under a progress write
+            log.warning("job %s: the broker failed (%s): stopping the generation", job.key, exc)
+            outcome = await _stopped(run, generation)
+            return (
+                saq_outcome(outcome)
+                if isinstance(outcome, Completed)
+                else error_outcome(BROKER_LOST)
+            )
         finally:
             trim_heap()
         return saq_outcome(generation.result())
 
 
+async def _stopped(run: JobRun, generation: asyncio.Future[Outcome]) -> Outcome:
+    """Stop the generation thread and wait for it (it stops at its next step)."""
+    run.cancel()
+    await asyncio.wait({generation})
+    return generation.result()
+
+
 async def _work(settings: Settings, backend: Backend) -> None:
     assert settings.broker is not None
-    queue = open_queue(settings.broker)
+    queue = open_queue(settings.broker, WorkerQueue)
     try:
         await queue.connect()
         await queue.count("queued")
     except (RedisError, OSError) as exc:
-        raise SettingsError(f"--broker {settings.broker}: cannot reach Redis: {exc}") from None
+        raise SettingsError(
+            f"--broker {redact_url(settings.broker)}: cannot reach Redis: {redact_text(str(exc))}"
+        ) from None
     runtime = WorkerRuntime(settings, backend, queue)
     timers: PartialTimersDict = {
         "schedule": 1,
@@ -172,6 +219,7 @@ async def _work(settings: Settings, backend: Backend) -> None:
         dequeue_timeout=1,  # an idle worker notices a stop signal within a second
         metadata=runtime.metadata,
         shutdown_grace_period_s=settings.grace_seconds,
+        cancellation_hard_deadline_s=CANCEL_DEADLINE_S,
     )
     try:
         await worker.start()

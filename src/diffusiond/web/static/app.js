@@ -156,7 +156,11 @@
   async function loadHealth() {
     let response;
     try {
-      response = await fetch("health", { cache: "no-store" });
+      // With the key (if this browser holds one) /health names the model; without, it
+      // says only what the form needs. It never asks for the key: the page opens without.
+      const key = storedKey();
+      const headers = key ? { Authorization: `Bearer ${key}` } : {};
+      response = await fetch("health", { cache: "no-store", headers });
     } catch {
       $("server-info").textContent = "The server cannot be reached.";
       return;
@@ -173,7 +177,9 @@
     $("count").max = String(state.maxBatch);
     $("count-hint").textContent = `(1–${state.maxBatch})`;
     const parts = [health.model, health.device, health.version && `v${health.version}`];
-    $("server-info").textContent = `Model ${parts.filter(Boolean).join(" · ")}`;
+    // Without the key /health names no model: then say only the version.
+    const label = health.model ? "Model" : "diffusiond";
+    $("server-info").textContent = `${label} ${parts.filter(Boolean).join(" · ")}`;
   }
 
   // -- the form: the API's rules, checked before sending ----------------------------------
