@@ -8,6 +8,8 @@
 2. Parse time of a ~4 MB body (a 1024x1024 noise PNG, ~3 MB, in base64): the server's own
    parse (JSON, base64, guarded reader with a full decode), in this process, and the POST
    round trip (body sent -> 201) against the server.
+3. The comparison of 1 again in this process on one torch thread, in CPU seconds (process
+   time) of the diffusion stage, which other load on a shared machine disturbs far less.
 
     python bench/img2img.py --rounds 4 --size 512 --steps 20
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import io
 import sys
 import time
@@ -73,6 +76,46 @@ def compare_diffusion(http: httpx.Client, args: argparse.Namespace) -> None:
     print(f"median ratio img2img/txt2img: {median(image) / median(text):.3f}")
 
 
+def compare_cpu_in_process(args: argparse.Namespace) -> None:
+    """The same comparison in this process on one torch thread, in CPU seconds of the
+    diffusion stage (process time): robust to other load on the machine, unlike wall time."""
+    from diffusiond.backends.base import ImageSpec
+    from diffusiond.backends.diffusers_backend import DiffusersBackend
+    from diffusiond.jobs.models import EditInputs, InputImage, Stage
+
+    backend = DiffusersBackend(
+        model_path=None, home=args.home, device="cpu", torch_threads=1, dtype="auto"
+    )
+    backend.load()
+    edit = EditInputs(InputImage(noise_png(args.size), args.size, args.size), args.strength)
+    marks: dict[Stage, float] = {}
+
+    def on_stage(stage: Stage, step: int, _total: int) -> None:
+        if step == 0 and stage not in marks:
+            marks[stage] = time.process_time()
+
+    def cpu_s(spec_edit: EditInputs | None) -> float:
+        marks.clear()
+        spec = ImageSpec("a harbour", "", args.size, args.size, args.steps, 7.5, 1, "euler_a")
+        backend.generate(dataclasses.replace(spec, edit=spec_edit), on_stage, lambda: False)
+        return marks[Stage.DECODING] - marks[Stage.DIFFUSION]
+
+    cpu_s(None)  # warm up
+    text: list[float] = []
+    image: list[float] = []
+    for round_index in range(args.rounds):
+        order = [(text, None), (image, edit)]
+        for times, spec_edit in order if round_index % 2 == 0 else order[::-1]:
+            times.append(cpu_s(spec_edit))
+    print(f"\nin-process, 1 torch thread, CPU s of diffusion, strength {args.strength}")
+    rows = [
+        [str(i + 1), fmt(t, 2), fmt(e, 2), fmt(e / t, 3)]
+        for i, (t, e) in enumerate(zip(text, image, strict=True))
+    ]
+    print_table(["round", "txt2img s", "img2img s", "ratio"], rows)
+    print(f"median ratio img2img/txt2img (CPU): {median(image) / median(text):.3f}")
+
+
 def body_parse(http: httpx.Client, rounds: int) -> None:
     png = noise_png(1024)
     body = orjson.dumps({"prompt": "a harbour", "initImage": base64.b64encode(png).decode()})
@@ -114,6 +157,7 @@ def main() -> None:
     ):
         compare_diffusion(http, args)
         body_parse(http, args.rounds)
+    compare_cpu_in_process(args)
 
 
 if __name__ == "__main__":
