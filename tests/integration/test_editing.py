@@ -233,3 +233,27 @@ def test_an_edit_job_shows_previews_and_cancels_within_its_steps(client: httpx.C
     assert client.delete(f"{GENERATIONS}/{job_id}").json()["status"] == "cancelled"
     final = poll_until(client, job_id)[-1]
     assert final["status"] == "cancelled"
+
+
+def test_a_queued_edit_job_runs_with_its_images_after_a_kill_and_restart(
+    model_home: Path, tmp_path: Path
+) -> None:
+    store = f"sqlite:{tmp_path / 'jobs.db'}"
+    long_job = {"prompt": "long", "width": 2048, "height": 2048, "steps": 150, "seed": 1}
+    first = start_server(model_home, "--store", store, "--max-queue", "2")
+    with first.client() as http:
+        running = http.post(GENERATIONS, json=long_job)
+        assert running.status_code == 201, running.text
+        poll_until(http, running.json()["id"], lambda s: s["status"] == "in_progress")
+        queued = http.post(GENERATIONS, json={"prompt": "a red boat", "seed": 7, **INPAINT})
+        assert queued.status_code == 201, queued.text
+    first.process.kill()  # SIGKILL: the queued job lives only in the store
+    first.process.wait()
+    second = start_server(model_home, "--store", store, "--max-queue", "2")
+    try:
+        with second.client() as http:
+            job = poll_until(http, queued.json()["id"])[-1]
+            assert job["status"] == "complete", job
+            assert_kept_exactly(pixels(job), INIT)
+    finally:
+        assert second.stop() == 0, second.text()
