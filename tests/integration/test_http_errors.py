@@ -61,9 +61,15 @@ def test_bodies_that_are_not_json_objects_are_400(client: httpx.Client, raw: byt
 
 
 def test_an_oversized_body_is_413(client: httpx.Client) -> None:
-    response = client.post("/v1/images/generations", content=b"{" + b" " * 70_000 + b"}")
+    # The limit of this POST is DIFFUSIOND_MAX_BODY_BYTES (24 MiB: images travel in it).
+    limit = 24 * 1024 * 1024
+    response = client.post("/v1/images/generations", content=b"{" + b" " * limit + b"}")
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    assert str(limit) in response.json()["error"]["message"]
+    # a body past the old 64 KiB is read and judged on its content
+    response = client.post("/v1/images/generations", content=b"{" + b" " * 70_000 + b"}")
+    assert response.status_code == 400
 
 
 def test_unknown_route_and_wrong_method_use_the_envelope(client: httpx.Client) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -51,7 +52,10 @@ from diffusiond.web import web_routes
 if TYPE_CHECKING:
     from diffusiond.settings import Settings
 
+# The body limit of a route that takes a body; POST /v1/images/generations has its own,
+# larger one (`--max-body-bytes`), as its body may carry images.
 MAX_BODY_BYTES = 64 * 1024
+DEFAULT_MAX_GENERATION_BODY_BYTES = 24 * 1024 * 1024
 
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 
@@ -61,6 +65,7 @@ class ApiConfig:
     max_batch: int
     poll_interval_ms: int
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_body_bytes: int = DEFAULT_MAX_GENERATION_BODY_BYTES  # of POST /v1/images/generations
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     bound_host: str = "127.0.0.1"  # the address listened on: its Host is always allowed
@@ -75,6 +80,7 @@ class ApiConfig:
             max_batch=settings.max_batch,
             poll_interval_ms=settings.poll_interval_ms,
             max_pixels=settings.max_pixels,
+            max_body_bytes=settings.max_body_bytes,
             api_key=settings.api_key,
             cors_origins=settings.cors_origins,
             bound_host=settings.host,
@@ -88,11 +94,11 @@ def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None)
     return Response(body, status, headers=headers, media_type="application/json")
 
 
-def _declared_length(raw: str) -> int:
+def _declared_length(raw: str, limit: int) -> int:
     length = read_uint(raw.strip())
     if length is None:
         if raw.strip().isdigit():  # ASCII digits, only too many of them: over any limit
-            return MAX_BODY_BYTES + 1
+            return limit + 1
         rule = "a whole number of bytes"
         raise InvalidRequest(
             f"Content-Length must be {rule}, got {shown(raw)}", field="Content-Length", rule=rule
@@ -100,17 +106,17 @@ def _declared_length(raw: str) -> int:
     return length
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over the limit."""
+async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over `limit` bytes."""
     declared = request.headers.get("content-length")
-    if declared is not None and _declared_length(declared) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"the request body is over {MAX_BODY_BYTES} bytes")
+    if declared is not None and _declared_length(declared, limit) > limit:
+        raise PayloadTooLarge(f"the request body is over {limit} bytes")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"the request body is over {MAX_BODY_BYTES} bytes")
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is over {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -183,10 +189,16 @@ class _Endpoints:
         return self._bodies.render(job, position)
 
     async def create(self, request: Request) -> Response:
-        body = await _read_body(request)
-        parsed = parse_generation_request(
-            body, max_batch=self._config.max_batch, max_pixels=self._config.max_pixels
+        body = await _read_body(request, self._config.max_body_bytes)
+        parse = functools.partial(
+            parse_generation_request,
+            body,
+            max_batch=self._config.max_batch,
+            max_pixels=self._config.max_pixels,
         )
+        # A body with images takes milliseconds to check (base64, a full decode): off the
+        # event loop, so that polls and streams of other jobs are not held up meanwhile.
+        parsed = parse() if len(body) <= MAX_BODY_BYTES else await asyncio.to_thread(parse)
         raw_key = request.headers.get("idempotency-key")
         key = check_idempotency_key(raw_key) if raw_key is not None else None
         wait_s = wait_preference(request)
