@@ -56,6 +56,7 @@ class Settings:
     insecure: bool = False
     cors_origins: tuple[str, ...] = ()
     max_pixels: int = 1024 * 1024
+    max_body_bytes: int = 24 * 1024 * 1024  # of POST /v1/images/generations (images inside)
     generation_timeout_ms: int = 0  # 0: no limit
     http_niceness: int = 12  # measured: see README, Benchmarks (responsiveness.py)
     store: str = "memory"
@@ -345,6 +346,15 @@ OPTIONS: tuple[Option, ...] = (
         _integer(4096),
         "largest width x height a request may ask for; more is a 400 (default 1048576)",
         aliases=("IMAGE_MAX_PIXELS",),
+    ),
+    Option(
+        "max_body_bytes",
+        "--max-body-bytes",
+        "DIFFUSIOND_MAX_BODY_BYTES",
+        _integer(64 * 1024),
+        "largest POST /v1/images/generations body, in bytes, refused from Content-Length "
+        "before it is read (its initImage and maskImage travel in it; default 25165824)",
+        aliases=("IMAGE_MAX_BODY_BYTES",),
     ),
     Option(
         "generation_timeout_ms",

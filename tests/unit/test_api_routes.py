@@ -3,6 +3,7 @@ fake backend: answers, errors in the envelope, idempotency."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,7 @@ from starlette.testclient import TestClient
 from diffusiond.api.app import MAX_BODY_BYTES
 from diffusiond.testing.requests import GENERATIONS, SMALL, poll_until, submit
 from tests.support.fakes import GatedBackend
-from tests.support.inprocess import InProcessApi, in_process_api
+from tests.support.inprocess import CONFIG, InProcessApi, in_process_api
 
 
 @pytest.fixture
@@ -121,9 +122,26 @@ def test_unknown_routes_ids_and_wrong_methods_use_the_envelope(http: TestClient)
     error_of(http.post("/health"), 405, "METHOD_NOT_ALLOWED")
 
 
-def test_an_oversized_body_is_413(http: TestClient) -> None:
+def test_an_oversized_body_is_413() -> None:
+    config = dataclasses.replace(CONFIG, max_body_bytes=MAX_BODY_BYTES)
+    with in_process_api(config=config) as small:
+        prompt = "x" * (MAX_BODY_BYTES + 1)
+        answer = small.client.post(GENERATIONS, json={"prompt": prompt})
+        error = error_of(answer, 413, "PAYLOAD_TOO_LARGE")
+        assert str(MAX_BODY_BYTES) in error["message"]
+
+
+def test_the_generation_body_limit_is_its_own_setting(http: TestClient) -> None:
+    # the default limit takes a body far over 64 KiB (images travel in it) ...
     prompt = "x" * (MAX_BODY_BYTES + 1)
-    error_of(http.post(GENERATIONS, json={"prompt": prompt}), 413, "PAYLOAD_TOO_LARGE")
+    error_of(http.post(GENERATIONS, json={"prompt": prompt}), 400, "INVALID_REQUEST")
+    # ... and a Content-Length over it is refused before the body is read
+    answer = http.post(
+        GENERATIONS,
+        content=b"{}",
+        headers={"content-length": str(CONFIG.max_body_bytes + 1)},
+    )
+    error_of(answer, 413, "PAYLOAD_TOO_LARGE")
 
 
 @pytest.mark.parametrize(

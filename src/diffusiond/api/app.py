@@ -37,7 +37,10 @@ from diffusiond.web import web_routes
 if TYPE_CHECKING:
     from diffusiond.settings import Settings
 
+# The body limit of a route that takes a body; POST /v1/images/generations has its own,
+# larger one (`--max-body-bytes`), as its body may carry images.
 MAX_BODY_BYTES = 64 * 1024
+DEFAULT_MAX_GENERATION_BODY_BYTES = 24 * 1024 * 1024
 
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 
@@ -47,6 +50,7 @@ class ApiConfig:
     max_batch: int
     poll_interval_ms: int
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_body_bytes: int = DEFAULT_MAX_GENERATION_BODY_BYTES  # of POST /v1/images/generations
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     heartbeat_s: float = 15.0  # a comment line on idle event streams
@@ -58,6 +62,7 @@ class ApiConfig:
             max_batch=settings.max_batch,
             poll_interval_ms=settings.poll_interval_ms,
             max_pixels=settings.max_pixels,
+            max_body_bytes=settings.max_body_bytes,
             api_key=settings.api_key,
             cors_origins=settings.cors_origins,
             heartbeat_s=settings.sse_heartbeat_ms / 1000,
@@ -68,17 +73,17 @@ def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None)
     return Response(body, status, headers=headers, media_type="application/json")
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over the limit."""
+async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over `limit` bytes."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"the request body is over {MAX_BODY_BYTES} bytes")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is over {limit} bytes")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"the request body is over {MAX_BODY_BYTES} bytes")
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is over {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -126,7 +131,7 @@ class _Endpoints:
         return self._bodies.render(job, position)
 
     async def create(self, request: Request) -> Response:
-        body = await _read_body(request)
+        body = await _read_body(request, self._config.max_body_bytes)
         parsed = parse_generation_request(
             body, max_batch=self._config.max_batch, max_pixels=self._config.max_pixels
         )

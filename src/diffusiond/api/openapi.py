@@ -51,6 +51,31 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                     "maximum": 150,
                     "description": "live previews every this many diffusion steps",
                 },
+                "initImage": {
+                    "type": ["string", "null"],
+                    "description": "base64 (or a data:image/...;base64, URL) of a PNG, JPEG "
+                    "or WebP image: image-to-image; without width/height the output takes "
+                    "its size rounded down to a multiple of 8",
+                },
+                "strength": {
+                    "type": ["number", "null"],
+                    "minimum": 0,
+                    "maximum": 1,
+                    "description": "how much of initImage is redrawn (default 0.75); "
+                    "only with initImage; runs max(1, int(steps x strength)) steps",
+                },
+                "maskImage": {
+                    "type": ["string", "null"],
+                    "description": "base64 PNG/JPEG/WebP of initImage's size: white (opaque) "
+                    "= redraw, black (transparent) = keep exactly; only with initImage",
+                },
+                "maskBlur": {
+                    **nullable_int,
+                    "minimum": 0,
+                    "maximum": 64,
+                    "description": "pixels the mask's edge is feathered over (default 4); "
+                    "only with maskImage",
+                },
             },
         },
         "Created": {
@@ -218,7 +243,7 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
                     },
                     "400": _error("a field breaks a rule"),
                     "409": _error("the Idempotency-Key was used for a different body"),
-                    "413": _error("the body is over 64 KiB"),
+                    "413": _error("the body is over the server's max body bytes (default 24 MiB)"),
                     "503": _error("busy (with Retry-After) or the model is not ready"),
                     **unauthorized,
                 },

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from diffusiond.api.edit_fields import default_size, parse_edit_inputs
 from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import (
     SAMPLERS,
@@ -179,6 +180,13 @@ def parse_generation_request(
         if raw is not None:  # null means "use the default"
             values[name] = check(raw)
     values["preview_every"] = _preview_every(data.get("preview"), data.get("previewEvery"))
+    edit = parse_edit_inputs(data, max_pixels)
+    if edit is not None:
+        values["edit"] = edit
+        if "width" not in values or "height" not in values:
+            values["width"], values["height"] = default_size(
+                edit.init, values.get("width"), values.get("height"), max_pixels
+            )
     request = GenerationRequest(**values)
     _check_pixel_budget(request, max_pixels)
     return request

@@ -22,6 +22,7 @@ from typing import Any
 from saq.job import Job as SaqJob
 from saq.job import Status
 
+from diffusiond.jobs.edit_json import edit_from_json, edit_to_json
 from diffusiond.jobs.models import (
     ErrorCode,
     GeneratedImage,
@@ -45,11 +46,15 @@ INTERNAL_MESSAGE = "Generation failed: internal error"
 
 
 def request_to_json(request: GenerationRequest) -> Json:
-    return dataclasses.asdict(request)
+    """The request as a SAQ job's kwargs; edit images as base64 (see jobs/edit_json.py)."""
+    data = dataclasses.asdict(dataclasses.replace(request, edit=None))
+    data["edit"] = edit_to_json(request.edit) if request.edit is not None else None
+    return data
 
 
 def request_from_json(data: Json) -> GenerationRequest:
-    return GenerationRequest(**data)
+    fields = {name: value for name, value in data.items() if name != "edit"}
+    return GenerationRequest(**fields, edit=edit_from_json(data.get("edit")))
 
 
 def progress_to_json(progress: Progress) -> Json:

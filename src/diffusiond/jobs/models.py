@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -72,6 +73,41 @@ SAMPLERS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class InputImage:
+    """An image a request brought, as received (already checked by the guarded reader).
+
+    The bytes are kept as they came (the recipe records their SHA-256, a broker worker
+    reads them again); the repr leaves them out, so a logged request stays one line.
+    """
+
+    data: bytes = field(repr=False)
+    width: int  # upright (after the EXIF orientation), as the guarded reader saw it
+    height: int
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+DEFAULT_STRENGTH = 0.75
+DEFAULT_MASK_BLUR = 4
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    """What makes a job image-to-image (`mask` None) or inpainting: redraw `init`."""
+
+    init: InputImage
+    strength: float = DEFAULT_STRENGTH
+    mask: InputImage | None = None
+    mask_blur: int = DEFAULT_MASK_BLUR
+
+    @property
+    def mode(self) -> str:
+        return "inpaint" if self.mask is not None else "img2img"
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """A validated request: every field present, every rule already checked."""
 
@@ -85,6 +121,11 @@ class GenerationRequest:
     sampler: str = "euler_a"
     count: int = 1
     preview_every: int = 0  # diffusion steps between live previews; 0: no previews
+    edit: EditInputs | None = None  # None: text-to-image
+
+    @property
+    def mode(self) -> str:
+        return self.edit.mode if self.edit is not None else "txt2img"
 
 
 @dataclass(frozen=True)

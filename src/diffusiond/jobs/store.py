@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import orjson
 
 from diffusiond.errors import SettingsError, StoreError
+from diffusiond.jobs.edit_json import edit_from_json, edit_to_json
 from diffusiond.jobs.models import (
     ErrorCode,
     GeneratedImage,
@@ -302,6 +303,8 @@ def _record(job: Job) -> dict[str, Any]:
             "previewEvery": request.preview_every,
         },
     }
+    if request.edit is not None:  # a restored pending edit job must run with its images
+        record["request"]["edit"] = edit_to_json(request.edit)
     if job.progress is not None:
         p = job.progress
         record["progress"] = [
@@ -357,6 +360,7 @@ def _job(record: dict[str, Any], pngs: dict[str, dict[int, bytes]]) -> Job:
             sampler=request["sampler"],
             count=request["count"],
             preview_every=request.get("previewEvery", 0),
+            edit=edit_from_json(request.get("edit")),
         ),
         status=JobStatus(record["status"]),
         created_at=record["createdAt"],
