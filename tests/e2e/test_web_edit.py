@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ pytestmark = pytest.mark.e2e
 GENERATIONS = "/v1/images/generations"
 EDIT_FIELDS = ("initImage", "strength", "maskImage", "maskBlur")
 BRUSH_PX = 24  # the page's default brush size, in pixels on screen
+BLACK, WHITE = (0, 0, 0, 255), (255, 255, 255, 255)
 EDGE = 2.0  # image pixels either side of a stroke's edge where the mask may go either way
 
 Point = tuple[float, float]
@@ -50,7 +50,9 @@ def record_posts(page: Page) -> list[dict[str, Any]]:
 
     def record(request: Request) -> None:
         if request.method == "POST" and request.url.endswith(GENERATIONS):
-            posts.append(request.post_data_json)
+            body = request.post_data_json
+            assert isinstance(body, dict), f"the page sent {request.post_data!r}"
+            posts.append(body)
 
     page.on("request", record)
     return posts
@@ -82,7 +84,9 @@ class MaskCanvas:
 
     def drag(self, start: Point, end: Point) -> Segment:
         box = self.box()
-        self.page.mouse.move(box["x"] + start[0] * box["width"], box["y"] + start[1] * box["height"])
+        self.page.mouse.move(
+            box["x"] + start[0] * box["width"], box["y"] + start[1] * box["height"]
+        )
         self.page.mouse.down()
         self.page.mouse.move(
             box["x"] + end[0] * box["width"], box["y"] + end[1] * box["height"], steps=12
@@ -106,7 +110,8 @@ def distance(point: Point, segment: Segment) -> float:
     (ax, ay), (bx, by) = segment
     px, py = point
     length2 = (bx - ax) ** 2 + (by - ay) ** 2
-    t = 0.0 if length2 == 0 else max(0.0, min(1.0, ((px - ax) * (bx - ax) + (py - ay) * (by - ay)) / length2))
+    along = ((px - ax) * (bx - ax) + (py - ay) * (by - ay)) / length2 if length2 else 0.0
+    t = max(0.0, min(1.0, along))
     return math.hypot(px - (ax + t * (bx - ax)), py - (ay + t * (by - ay)))
 
 
@@ -128,14 +133,14 @@ def check_mask(
         for x in range(size[0]):
             centre = (x + 0.5, y + 0.5)
             value = pixels[x, y]
-            assert value in ((0, 0, 0, 255), (255, 255, 255, 255)), f"({x}, {y}) is {value}"
+            assert value in (BLACK, WHITE), f"({x}, {y}) is {value}, neither black nor white"
             paint = distance(centre, painted[0]) - painted[1]
             erase = distance(centre, erased[0]) - erased[1]
             if paint < -EDGE and erase > EDGE:
-                assert value[0] == 255, f"({x}, {y}) was painted but is black"
+                assert value == WHITE, f"({x}, {y}) was painted but is black"
                 counts["white"] += 1
             elif paint > EDGE or erase < -EDGE:
-                assert value[0] == 0, f"({x}, {y}) was not painted (or erased) but is white"
+                assert value == BLACK, f"({x}, {y}) was not painted (or erased) but is white"
                 counts["black"] += 1
     assert counts["white"] > 100, counts
     assert counts["black"] > 100, counts
@@ -167,10 +172,10 @@ def test_paint_a_mask_and_generate(
     expect(page.get_by_label("Strength")).to_be_hidden()  # only with an input image
 
     page.get_by_label("Pick an input image").set_input_files(path)
-    expect(page.locator("#input-caption")).to_have_text(f"lighthouse.png · 203 × 150")
-    expect(page.get_by_label("Size")).to_have_value("input")
-    expect(page.get_by_label("Size").locator("option:checked")).to_have_text(
-        "Input image's size (200 × 144)"
+    expect(page.locator("#input-caption")).to_have_text(f"lighthouse.png · 203 {X} 150")
+    expect(page.get_by_label("Size", exact=True)).to_have_value("input")
+    expect(page.get_by_label("Size", exact=True).locator("option:checked")).to_have_text(
+        f"Input image's size (200 {X} 144)"
     )
     expect(page.get_by_label("Strength")).to_have_value("0.75")
     expect(page.get_by_label("Mask blur")).to_have_value("4")
@@ -198,7 +203,8 @@ def test_paint_a_mask_and_generate(
     assert base64.b64decode(body["initImage"]) == source  # the file's own bytes
     assert body["strength"] == 0.6
     assert body["maskBlur"] == 9
-    assert "width" not in body and "height" not in body, "the input's size is the server's"
+    assert "width" not in body, "the input's size is the server's"
+    assert "height" not in body
     check_mask(
         body["maskImage"],
         (203, 150),
@@ -219,7 +225,7 @@ def test_use_a_result_as_input_then_remove_it(web_server: ServerProcess, page: P
     job_id = page.locator("#gallery .result").first.get_attribute("data-job")
 
     page.get_by_role("button", name="Use image 1 of 1, seed 3 as the input image").click()
-    expect(page.locator("#input-caption")).to_have_text(f"{job_id}-1.png · 64 × 64")
+    expect(page.locator("#input-caption")).to_have_text(f"{job_id}-1.png · 64 {X} 64")
     expect(page.get_by_label("Strength")).to_be_focused()
     expect(page.locator("#status")).to_contain_text("is the input image")
     page.get_by_label("Random seed").check()
@@ -230,15 +236,14 @@ def test_use_a_result_as_input_then_remove_it(web_server: ServerProcess, page: P
         result_png = http.get(f"{GENERATIONS}/{job_id}/images/0").content
     assert base64.b64decode(second["initImage"]) == result_png
     assert second["strength"] == 0.75
-    assert "maskImage" not in second and "maskBlur" not in second, second
-    assert "width" not in second and "height" not in second, second
+    assert not {"maskImage", "maskBlur", "width", "height"} & set(second), second
     expect(page.locator("#gallery .result").first.locator(".meta")).to_contain_text(f"64{X}64")
 
     # Removed: a plain text-to-image request, at the size chosen before.
     page.get_by_role("button", name="Remove input image").click()
     expect(page.locator("#editor")).to_be_hidden()
     expect(page.get_by_label("Pick an input image")).to_be_focused()
-    expect(page.get_by_label("Size")).to_have_value("custom")
+    expect(page.get_by_label("Size", exact=True)).to_have_value("custom")
     third = generate(page, posts)
     assert not set(EDIT_FIELDS) & set(third), third
     assert (third["width"], third["height"]) == (64, 64)
@@ -246,9 +251,7 @@ def test_use_a_result_as_input_then_remove_it(web_server: ServerProcess, page: P
         wait_idle(http)
 
 
-def test_drop_an_image_and_refuse_what_is_not_one(
-    web_server: ServerProcess, page: Page
-) -> None:
+def test_drop_an_image_and_refuse_what_is_not_one(web_server: ServerProcess, page: Page) -> None:
     posts = record_posts(page)
     open_page(page, web_server)
     drop_file(page, "#drop-zone", b"just some text", "notes.txt", "text/plain")
@@ -258,7 +261,7 @@ def test_drop_an_image_and_refuse_what_is_not_one(
     expect(page.locator("#editor")).to_be_hidden()
 
     drop_file(page, "#drop-zone", input_png(96, 80), "dropped.png", "image/png")
-    expect(page.locator("#input-caption")).to_have_text("dropped.png · 96 × 80")
+    expect(page.locator("#input-caption")).to_have_text(f"dropped.png · 96 {X} 80")
     expect(page.locator("#initImage-error")).to_be_hidden()
     canvas = MaskCanvas(page, 96)
     canvas.drag((0.2, 0.3), (0.8, 0.7))
@@ -283,7 +286,7 @@ def test_input_image_errors_shown_next_to_the_field(
     tiny = tmp_path / "tiny.png"
     tiny.write_bytes(input_png(40, 40))
     page.get_by_label("Pick an input image").set_input_files(tiny)
-    expect(page.locator("#input-caption")).to_contain_text("40 × 40")
+    expect(page.locator("#input-caption")).to_contain_text(f"40 {X} 40")
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#initImage-error")).to_contain_text("width and height must be at least 64")
     expect(page.get_by_label("Replace the input image")).to_be_focused()
@@ -293,8 +296,8 @@ def test_input_image_errors_shown_next_to_the_field(
     big = tmp_path / "big.png"
     big.write_bytes(input_png(520, 520))
     page.get_by_label("Replace the input image").set_input_files(big)
-    expect(page.locator("#input-caption")).to_contain_text("520 × 520")
-    page.get_by_label("Size").select_option("256x256")
+    expect(page.locator("#input-caption")).to_contain_text(f"520 {X} 520")
+    page.get_by_label("Size", exact=True).select_option("256x256")
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#initImage-error")).to_contain_text("initImage must be")
     expect(page.get_by_label("Replace the input image")).to_have_attribute("aria-invalid", "true")
@@ -314,13 +317,14 @@ def test_narrow_screen_with_an_input_image(
         open_page(page, web_server)
         page.get_by_label("Pick an input image").set_input_files(path)
         expect(page.locator("#editor")).to_be_visible()
-        unlabelled: Callable[[], Any] = lambda: page.evaluate(
+        unlabelled = page.evaluate(
             """() => [...document.querySelectorAll("input, select, textarea")]
                  .filter(control => control.labels.length === 0).map(control => control.id)"""
         )
-        assert unlabelled() == [], f"controls without a label: {unlabelled()}"
+        assert unlabelled == [], f"controls without a label: {unlabelled}"
         box = page.locator("#mask-canvas").bounding_box()
-        assert box is not None and box["width"] <= 360
+        assert box is not None
+        assert box["width"] <= 360
         width = page.evaluate("document.scrollingElement.scrollWidth")
         assert width <= 360, f"the page scrolls sideways at 360 px: {width} px wide"
 
@@ -338,7 +342,7 @@ def test_narrow_screen_with_an_input_image(
         expect(page.get_by_role("button", name="Remove input image")).to_be_focused()
         page.keyboard.press("Enter")
         expect(page.locator("#editor")).to_be_hidden()
-        expect(page.get_by_label("Size")).to_have_value("512x512")
+        expect(page.get_by_label("Size", exact=True)).to_have_value("512x512")
     finally:
         context.close()
     with httpx.Client(base_url=web_server.url) as http:
