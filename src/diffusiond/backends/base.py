@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from diffusiond.jobs.models import Stage
+from diffusiond.jobs.models import EditInputs, Stage
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -25,6 +25,7 @@ class ImageSpec:
     seed: int
     sampler: str
     preview_every: int = 0  # call `on_preview` every this many diffusion steps; 0: never
+    edit: EditInputs | None = None  # image-to-image or inpainting; None: text-to-image
 
 
 # stage, current step within the stage, total steps of the stage

@@ -23,6 +23,13 @@ from diffusiond.backends.base import (
     StageCallback,
 )
 from diffusiond.backends.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
+from diffusiond.backends.editing import (
+    PreparedEdit,
+    edit_pipeline,
+    is_inpainting_unet,
+    paste_back,
+    prepare_edit,
+)
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
 from diffusiond.backends.samplers import make_scheduler
@@ -44,7 +51,12 @@ log = logging.getLogger(__name__)
 TILED_DECODE_PIXELS = 768 * 768
 
 # model_index.json's pipeline class -> the diffusers class that loads it
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+SUPPORTED_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionInpaintPipeline",  # a 9-channel UNet: used for every request (editing.py)
+    "StableDiffusionXLInpaintPipeline",
+)
 
 
 def check_model_path(path: Path) -> None:
@@ -84,7 +96,7 @@ def pipeline_class_name(path: Path) -> str:
 
 def folder_architecture(path: Path, class_name: str) -> str:
     """sd1, sd2 or sdxl for a diffusers folder (SD 2.x has a 1024-wide text encoder)."""
-    if class_name == "StableDiffusionXLPipeline":
+    if class_name.startswith("StableDiffusionXL"):
         return "sdxl"
     try:
         text = json.loads((path / "text_encoder" / "config.json").read_text())
@@ -166,7 +178,7 @@ class DiffusersBackend:
         class_name = pipeline_class_name(path)
         self._architecture = folder_architecture(path, class_name)
         extra: dict[str, Any] = {}
-        if class_name == "StableDiffusionPipeline":
+        if class_name in ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline"):
             extra = {"safety_checker": None, "requires_safety_checker": False}
         try:
             # The big models are read without a memory map, straight into `dtype` (see
@@ -240,20 +252,27 @@ class DiffusersBackend:
         if self._pipeline is None:
             raise RuntimeError("the model is not loaded")
         on_stage(Stage.LOADING, 0, 1)
-        pipeline = self._pipeline_for(spec.sampler)
+        edit = prepare_edit(spec, inpainting_unet=is_inpainting_unet(self._pipeline))
+        if edit is None:
+            pipeline = self._pipeline_for(spec.sampler)
+        else:
+            scheduler = make_scheduler(spec.sampler, self._pipeline.scheduler.config)
+            pipeline = edit_pipeline(self._pipeline, self._architecture, edit, scheduler)
         with torch.inference_mode():
             embeds = self._encode(pipeline, spec)
             if should_cancel():
                 raise GenerationCancelled
             on_stage(Stage.LOADING, 1, 1)
             latents = self._diffuse(
-                pipeline, spec, embeds, on_stage, should_cancel, on_preview=on_preview
+                pipeline, spec, embeds, on_stage, should_cancel, on_preview=on_preview, edit=edit
             )
             del embeds  # the text encoder's outputs are not needed for decoding
             if should_cancel():
                 raise GenerationCancelled
             on_stage(Stage.DECODING, 0, 1)
             image: Image = self._decode(pipeline, latents)
+        if edit is not None:
+            image = paste_back(image, edit)
         on_stage(Stage.DECODING, 1, 1)
         return image
 
@@ -307,15 +326,18 @@ class DiffusersBackend:
         should_cancel: CancelCheck,
         *,
         on_preview: PreviewCallback | None,
+        edit: PreparedEdit | None = None,
     ) -> Any:
         last_preview = 0
+        # An edit runs only the tail of the schedule: int(steps x strength) steps.
+        total = edit.steps_run if edit is not None else spec.steps
 
         def after_step(pipe: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> Any:
             nonlocal last_preview
             # Second-order samplers run more timesteps than the user's steps: map back.
-            timesteps = max(len(pipe.scheduler.timesteps), 1)
-            step = min(spec.steps, math.ceil((index + 1) * spec.steps / timesteps))
-            on_stage(Stage.DIFFUSION, step, spec.steps)
+            timesteps = max(getattr(pipe, "_num_timesteps", 0) or len(pipe.scheduler.timesteps), 1)
+            step = min(total, math.ceil((index + 1) * total / timesteps))
+            on_stage(Stage.DIFFUSION, step, total)
             if should_cancel():
                 raise GenerationCancelled
             every = spec.preview_every
@@ -324,13 +346,14 @@ class DiffusersBackend:
                 on_preview(step, latents_to_preview(tensors["latents"]))
             return tensors
 
-        on_stage(Stage.DIFFUSION, 0, spec.steps)
+        on_stage(Stage.DIFFUSION, 0, total)
         # The noise is drawn on the CPU so that a seed gives the same picture on any device.
         generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+        size = {"width": spec.width, "height": spec.height}
+        images = edit.call_kwargs(**size) if edit is not None else size
         return pipeline(
             **embeds,
-            width=spec.width,
-            height=spec.height,
+            **images,
             num_inference_steps=spec.steps,
             guidance_scale=spec.cfg_scale,
             generator=generator,

@@ -216,6 +216,7 @@ def run_batch(
             seed=seed,
             sampler=request.sampler,
             preview_every=request.preview_every,
+            edit=request.edit,
         )
         try:
             if should_cancel():
