@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, FloatRect, Page, Request, expect
 
-from tests.e2e.conftest import API_KEY
+from tests.e2e.conftest import API_KEY, SMALL_MAX_BODY_BYTES
 from tests.e2e.test_web import X, fill_form, open_page
 from tests.support.server import ServerProcess, wait_idle
 
@@ -39,6 +40,14 @@ def input_png(width: int, height: int) -> bytes:
     image.putdata(
         [(x * 255 // width, y * 255 // height, 128) for y in range(height) for x in range(width)]
     )
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def noise_png(width: int, height: int) -> bytes:
+    """Random pixels: a PNG that does not compress, as big as its pixels."""
+    image = Image.frombytes("RGB", (width, height), random.Random(16).randbytes(width * height * 3))
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
@@ -305,9 +314,23 @@ def test_input_image_errors_shown_next_to_the_field(
     assert len(posts) == 1
     assert (posts[0]["width"], posts[0]["height"]) == (256, 256)
 
+    # A body over this server's limit: its 413, by the image that made it big.
+    noisy = tmp_path / "noisy.png"
+    noisy.write_bytes(noise_png(200, 200))
+    assert len(noisy.read_bytes()) > SMALL_MAX_BODY_BYTES
+    page.get_by_label("Replace the input image").set_input_files(noisy)
+    expect(page.locator("#initImage-error")).to_be_hidden()  # a new image, a new start
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#initImage-error")).to_have_text(
+        f"the request body is over {SMALL_MAX_BODY_BYTES} bytes, with the images in it: "
+        "pick a smaller input image"
+    )
+    expect(page.get_by_label("Replace the input image")).to_be_focused()
+    assert len(posts) == 2
+
 
 def test_narrow_screen_with_an_input_image(
-    web_server: ServerProcess, browser: Browser, tmp_path: Path
+    web_server: ServerProcess, browser: Browser, tmp_path: Path, output_dir: Path
 ) -> None:
     path = tmp_path / "wide.png"
     path.write_bytes(input_png(640, 200))
@@ -327,6 +350,7 @@ def test_narrow_screen_with_an_input_image(
         assert box["width"] <= 360
         width = page.evaluate("document.scrollingElement.scrollWidth")
         assert width <= 360, f"the page scrolls sideways at 360 px: {width} px wide"
+        page.locator("#edit").screenshot(path=output_dir / "narrow-edit.png")
 
         # Every editing control from the keyboard: the tool, the sizes, Remove.
         page.get_by_label("Brush (paint: redraw)").focus()

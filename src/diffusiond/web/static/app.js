@@ -393,7 +393,10 @@
 
   function refused(error, body) {
     let field = error.details && error.details.field;
-    if (error.status === 413 && body.initImage) field = "initImage"; // the images made it big
+    if (error.status === 413 && body.initImage) { // the images made it too big
+      field = "initImage";
+      error.message = `${error.message}, with the images in it: pick a smaller input image`;
+    }
     if ((error.status === 400 || error.status === 413) && FIELDS.includes(field)) {
       showFieldError(field, error.message);
       focusField(field);
