@@ -665,23 +665,27 @@
     download.download = `${jobId}-${index + 1}-seed${image.seed}.png`;
     download.textContent = "Download PNG";
     download.setAttribute("aria-label", `Download ${name} as PNG`);
-    const reuse = document.createElement("button");
-    reuse.type = "button";
-    reuse.className = "reuse";
-    reuse.textContent = "Reuse seed";
-    reuse.setAttribute("aria-label", `Reuse seed ${image.seed} in the form`);
-    reuse.addEventListener("click", () => reuseSeed(image.seed));
-    const use = document.createElement("button");
-    use.type = "button";
-    use.className = "reuse";
-    use.textContent = "Use as input";
-    use.setAttribute("aria-label", `Use ${name} as the input image`);
-    use.addEventListener("click", () => useAsInput(blob, `${jobId}-${index + 1}.png`, name));
-    actions.append(download, reuse, use);
+    actions.append(
+      download,
+      actionButton("Reuse seed", `Reuse seed ${image.seed} in the form`,
+        () => reuseSeed(image.seed)),
+      actionButton("Use as input", `Use ${name} as the input image`,
+        () => useAsInput(blob, `${jobId}-${index + 1}.png`, name)),
+    );
 
     item.append(view, meta, actions);
     if (recipe.prompt) item.title = recipe.prompt;
     return item;
+  }
+
+  function actionButton(text, label, onClick) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "reuse";
+    button.textContent = text;
+    button.setAttribute("aria-label", label);
+    button.addEventListener("click", onClick);
+    return button;
   }
 
   function reuseSeed(seed) {
