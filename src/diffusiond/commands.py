@@ -30,6 +30,7 @@ from diffusiond.client import (
     Generation,
     GenerationCancelledError,
     Progress,
+    png_input_hashes,
     png_parameters,
     safe_id,
 )
@@ -65,6 +66,14 @@ def add_client_commands(commands: Any) -> None:
         metavar="FILE",
         help="make a diffusiond PNG again: its prompt, seed and settings (flags given win)",
     )
+    generate.add_argument(
+        "--init-image", type=Path, metavar="FILE", help="redraw this PNG/JPEG/WebP (img2img)"
+    )
+    generate.add_argument(
+        "--mask", type=Path, metavar="FILE", help="with --init-image: white redraws, black keeps"
+    )
+    generate.add_argument("--strength", type=float, help="with --init-image: 0..1 (0.75)")
+    generate.add_argument("--mask-blur", type=int, help="with --mask: feather, pixels (4)")
     generate.add_argument("-o", "--output", type=Path, default=Path("."), help="folder (.)")
     generate.add_argument(
         "--local",
@@ -164,8 +173,8 @@ def progress_bar() -> Iterator[Callable[[Progress], None]]:
 _DEFAULTS: dict[str, Any] = {
     "prompt": None,
     "negative_prompt": None,
-    "width": 512,
-    "height": 512,
+    "width": None,  # the server's default, or the init image's size
+    "height": None,
     "steps": 20,
     "cfg_scale": 7.5,
     "seed": None,
@@ -184,8 +193,10 @@ def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
     if args.from_png is not None:
         try:
             params |= png_parameters(args.from_png)
+            needed = png_input_hashes(args.from_png)
         except (OSError, ValueError) as exc:
             raise UsageError(f"--from-png {args.from_png}: {exc}") from None
+        _check_same_inputs(args, needed)
     width, height = args.size if args.size is not None else (None, None)
     given = {
         "prompt": args.prompt,
@@ -196,12 +207,47 @@ def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
         "cfg_scale": args.cfg,
         "seed": args.seed,
         "sampler": args.sampler,
+        "init_image": args.init_image,
+        "mask_image": args.mask,
+        "strength": args.strength,
+        "mask_blur": args.mask_blur,
     }
     params |= {name: value for name, value in given.items() if value is not None}
+    for name, flag in _INPUT_FLAGS.items():
+        path = params.get(name)
+        if path is not None and not path.is_file():
+            raise UsageError(f"{flag} {path}: no such file")
     if not params["prompt"]:
         raise UsageError("a prompt is needed (or --from-png FILE)")
     params["count"] = args.count
     return params
+
+
+_INPUT_FLAGS = {"init_image": "--init-image", "mask_image": "--mask"}
+
+
+def _check_same_inputs(args: argparse.Namespace, needed: dict[str, str]) -> None:
+    """--from-png of an edit remakes it only from the very files it was made from."""
+    from diffusiond.client.inputs import sha256_of
+
+    given = {"init_image": args.init_image, "mask_image": args.mask}
+    for name, digest in needed.items():
+        flag = _INPUT_FLAGS[name]
+        path = given[name]
+        if path is None:
+            raise UsageError(
+                f"--from-png {args.from_png} was made from an input image "
+                f"(sha256 {digest}); give the same file again with {flag} FILE"
+            )
+        try:
+            actual = sha256_of(path)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{flag} {path}: {exc}") from None
+        if actual != digest:
+            raise UsageError(
+                f"{flag} {path} is not the file {args.from_png} was made from "
+                f"(sha256 {actual}, the recipe says {digest})"
+            )
 
 
 def _generate(args: argparse.Namespace) -> int:

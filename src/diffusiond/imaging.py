@@ -63,6 +63,10 @@ def recipe_text(recipe: Mapping[str, Any]) -> dict[str, str]:
         f"Seed: {recipe['seed']}, Size: {recipe['width']}x{recipe['height']}, "
         f"Model: {recipe['model']}, Version: diffusiond {recipe['version']}"
     )
+    if "strength" in recipe:  # the names AUTOMATIC1111 writes for the same settings
+        line += f", Denoising strength: {recipe['strength']}"
+    if "maskBlur" in recipe:
+        line += f", Mask blur: {recipe['maskBlur']}"
     lines = [recipe["prompt"], *([f"Negative prompt: {negative}"] if negative else []), line]
     return {
         PNG_TEXT_KEY: json.dumps(dict(recipe), ensure_ascii=False, separators=(",", ":")),

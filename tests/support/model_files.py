@@ -22,3 +22,33 @@ def tiny_model_files(home: Path) -> tuple[Path, Path]:
         )
         save_file(pipeline_to_ldm(pipeline), str(single_file))
     return folder, single_file
+
+
+def tiny_inpainting_model_files(home: Path) -> tuple[Path, Path]:
+    """(diffusers folder, ldm-layout .safetensors) of a 9-channel inpainting model shaped
+    like the built-in one: its UNet, made from a fixed seed, takes the noisy latents, the
+    mask and the masked image's latents; the other modules are the built-in model's."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from diffusiond.backends.ldm_layout import pipeline_to_ldm
+
+    folder = home / "tiny-inpainting"
+    single_file = home / "tiny-inpainting.safetensors"
+    if not folder.is_dir():
+        base = StableDiffusionInpaintPipeline.from_pretrained(
+            str(ensure_builtin_model(home)),
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(9)
+            unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
+        pipeline = StableDiffusionInpaintPipeline(
+            **{**base.components, "unet": unet}, requires_safety_checker=False
+        )
+        pipeline.save_pretrained(str(folder), safe_serialization=True)
+        save_file(pipeline_to_ldm(pipeline), str(single_file))
+    return folder, single_file

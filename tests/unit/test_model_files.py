@@ -159,13 +159,12 @@ def test_unsupported_variants_are_named(tmp_path: Path) -> None:
     )
     with pytest.raises(ModelLoadError, match="SDXL refiner"):
         detect_architecture(refiner)
-    inpainting = _fake_checkpoint(
-        tmp_path / "inpaint.safetensors",
-        ["cond_stage_model.transformer.text_model.final_layer_norm.weight"],
-        in_channels=9,
-    )
-    with pytest.raises(ModelLoadError, match="9 input channels"):
-        detect_architecture(inpainting)
+    text_key = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    upscaler = _fake_checkpoint(tmp_path / "x4.safetensors", [text_key], in_channels=7)
+    with pytest.raises(ModelLoadError, match="7 input channels"):
+        detect_architecture(upscaler)
+    inpainting = _fake_checkpoint(tmp_path / "inpaint.safetensors", [text_key], in_channels=9)
+    assert detect_architecture(inpainting).name == "sd1"  # inpainting models load (#16)
     unknown = _fake_checkpoint(tmp_path / "unknown.safetensors", ["something.else"])
     with pytest.raises(ModelLoadError, match="unknown architecture") as caught:
         detect_architecture(unknown)

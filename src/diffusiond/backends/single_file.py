@@ -196,6 +196,21 @@ def _load_ckpt(path: Path) -> dict[str, Any]:
     return {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
 
 
+INPAINTING_CHANNELS = 9  # 4 noisy latents, the mask, 4 latents of the masked image
+_FIRST_CONV = UNET_PREFIX + "input_blocks.0.0.weight"
+_INPAINTING_PIPELINES = {
+    "StableDiffusionPipeline": "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLInpaintPipeline",
+}
+
+
+def unet_input_channels(checkpoint: Checkpoint) -> int:
+    """4 for a text-to-image UNet, 9 for an inpainting one (4 when the key is absent)."""
+    if _FIRST_CONV not in checkpoint.keys:
+        return 4
+    return int(checkpoint.shape(_FIRST_CONV)[1])
+
+
 def detect_architecture(checkpoint: Checkpoint) -> Architecture:
     """SD 1.x, 2.x or SDXL, from the checkpoint's keys; a ModelLoadError naming the file if none."""
     keys = checkpoint.keys
@@ -209,12 +224,12 @@ def detect_architecture(checkpoint: Checkpoint) -> Architecture:
             f"model file {path} is not a Stable Diffusion checkpoint: it has no UNet weights "
             f"({UNET_PREFIX}*; is it a LoRA, a VAE or another kind of model?)"
         )
-    first_conv = UNET_PREFIX + "input_blocks.0.0.weight"
-    if first_conv in keys and checkpoint.shape(first_conv)[1] != 4:
+    channels = unet_input_channels(checkpoint)
+    if channels not in (4, INPAINTING_CHANNELS):
         raise ModelLoadError(
-            f"model file {path}: its UNet takes {checkpoint.shape(first_conv)[1]} input channels; "
-            "only text-to-image models (4 latent channels) are supported, not inpainting or "
-            "upscaling ones"
+            f"model file {path}: its UNet takes {channels} input channels; only text-to-image "
+            f"(4 channels) and inpainting ({INPAINTING_CHANNELS}) models are supported, not "
+            "upscaling or other ones"
         )
     if has("conditioner.embedders.1.model."):
         name = "sdxl"
@@ -326,17 +341,22 @@ def _assemble(
         components[component] = model
 
     common = {"config": str(config), "torch_dtype": dtype, "local_files_only": True}
-    for component, prefix, model_class in (
-        ("unet", UNET_PREFIX, UNet2DConditionModel),
-        ("vae", VAE_PREFIX, AutoencoderKL),
-    ):
-        build(
-            component,
-            model_class.from_single_file,
-            checkpoint.tensors(prefix, dtype),
-            subfolder=component,
-            **common,
-        )
+    channels = unet_input_channels(checkpoint)
+    build(
+        "unet",
+        UNet2DConditionModel.from_single_file,
+        checkpoint.tensors(UNET_PREFIX, dtype),
+        subfolder="unet",
+        in_channels=channels,  # the shipped configs say 4; an inpainting UNet takes 9
+        **common,
+    )
+    build(
+        "vae",
+        AutoencoderKL.from_single_file,
+        checkpoint.tensors(VAE_PREFIX, dtype),
+        subfolder="vae",
+        **common,
+    )
     for part in architecture.text_encoders:
         class_name = index.get(part.component, [None, "CLIPTextModel"])[1]
         build(
@@ -353,9 +373,12 @@ def _assemble(
     components["scheduler"] = scheduler_class.from_pretrained(
         str(config), subfolder="scheduler", local_files_only=True
     )
-    pipeline_class = getattr(diffusers, index["_class_name"])
+    class_name = index["_class_name"]
+    if channels == INPAINTING_CHANNELS:
+        class_name = _INPAINTING_PIPELINES.get(class_name, class_name)
+    pipeline_class = getattr(diffusers, class_name)
     extra: dict[str, Any] = {}
-    if index["_class_name"] == "StableDiffusionPipeline":
+    if class_name in ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline"):
         extra = {
             "safety_checker": None,
             "feature_extractor": None,

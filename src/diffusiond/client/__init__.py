@@ -18,7 +18,7 @@ from diffusiond.client.errors import (
     UnsafeAnswerError,
 )
 from diffusiond.client.models import GeneratedImage, Generation, Health, Progress, safe_id
-from diffusiond.client.png import png_parameters
+from diffusiond.client.png import png_input_hashes, png_parameters
 from diffusiond.client.sync import Client
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "ServerNotReadyError",
     "UnauthorizedError",
     "UnsafeAnswerError",
+    "png_input_hashes",
     "png_parameters",
     "safe_id",
 ]

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from diffusiond.client import errors
+from diffusiond.client.inputs import ImageInput, input_base64
 from diffusiond.client.models import Generation, Progress
 
 DEFAULT_URL = "http://127.0.0.1:8081"
@@ -46,30 +47,41 @@ def resolve_url(url: str | None) -> str:
 class GenerationParams:
     prompt: str
     negative_prompt: str | None = None
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # None: the server's default (512), or the init image's size
+    height: int | None = None
     steps: int = 20
     cfg_scale: float = 7.5
     seed: int | None = None
     sampler: str = "euler_a"
     count: int = 1
     preview_every: int | None = None
+    init_image: ImageInput | None = None  # image-to-image; with mask_image, inpainting
+    mask_image: ImageInput | None = None
+    strength: float | None = None
+    mask_blur: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "prompt": self.prompt,
-            "width": self.width,
-            "height": self.height,
             "steps": self.steps,
             "cfgScale": self.cfg_scale,
             "sampler": self.sampler,
             "count": self.count,
             "seed": self.seed,
         }
-        if self.negative_prompt is not None:
-            body["negativePrompt"] = self.negative_prompt
-        if self.preview_every is not None:
-            body["previewEvery"] = self.preview_every
+        optional = {
+            "width": self.width,
+            "height": self.height,
+            "negativePrompt": self.negative_prompt,
+            "previewEvery": self.preview_every,
+            "strength": self.strength,
+            "maskBlur": self.mask_blur,
+        }
+        body |= {name: value for name, value in optional.items() if value is not None}
+        if self.init_image is not None:
+            body["initImage"] = input_base64(self.init_image)
+        if self.mask_image is not None:
+            body["maskImage"] = input_base64(self.mask_image)
         return body
 
 

@@ -12,6 +12,7 @@ import httpx
 
 from diffusiond.client import _protocol as proto
 from diffusiond.client.errors import ServerBusyError
+from diffusiond.client.inputs import ImageInput
 from diffusiond.client.models import GeneratedImage, Generation, Health
 
 
@@ -57,13 +58,17 @@ class AsyncClient:
         prompt: str,
         *,
         negative_prompt: str | None = None,
-        width: int = 512,
-        height: int = 512,
+        width: int | None = None,
+        height: int | None = None,
         steps: int = 20,
         cfg_scale: float = 7.5,
         seed: int | None = None,
         sampler: str = "euler_a",
         count: int = 1,
+        init_image: ImageInput | None = None,
+        mask_image: ImageInput | None = None,
+        strength: float | None = None,
+        mask_blur: int | None = None,
         on_progress: proto.ProgressCallback | None = None,
         timeout: float | None = None,
     ) -> list[GeneratedImage]:
@@ -78,6 +83,10 @@ class AsyncClient:
             seed=seed,
             sampler=sampler,
             count=count,
+            init_image=init_image,
+            mask_image=mask_image,
+            strength=strength,
+            mask_blur=mask_blur,
         )
         done = await self.wait(generation.id, on_progress=on_progress, timeout=timeout)
         return list(done.images)

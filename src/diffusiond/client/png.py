@@ -18,11 +18,8 @@ def png_parameters(source: bytes | str | Path) -> dict[str, Any]:
     checked from the header before decoding). Raises ValueError naming what is wrong when
     the file is not a readable diffusiond PNG, OSError when it cannot be read.
     """
-    from diffusiond.imaging import read_recipe  # Pillow, only when needed
-
-    data = source if isinstance(source, bytes) else _read_bounded(Path(source))
-    recipe = read_recipe(data)
-    return {
+    recipe = _recipe(source)
+    params = {
         "prompt": recipe["prompt"],
         "negative_prompt": recipe["negativePrompt"] or None,
         "width": recipe["width"],
@@ -32,6 +29,31 @@ def png_parameters(source: bytes | str | Path) -> dict[str, Any]:
         "seed": recipe["seed"],
         "sampler": recipe["sampler"],
     }
+    # An edit's settings; its images are not in the PNG (see `png_input_hashes`).
+    if "strength" in recipe:
+        params["strength"] = recipe["strength"]
+    if "maskBlur" in recipe:
+        params["mask_blur"] = recipe["maskBlur"]
+    return params
+
+
+def png_input_hashes(source: bytes | str | Path) -> dict[str, str]:
+    """The SHA-256 of each input image a diffusiond PNG was made from, by the keyword
+    argument that takes it ("init_image", "mask_image"); empty for text-to-image. Making
+    the PNG again needs the very same files."""
+    recipe = _recipe(source)
+    hashes = {
+        "init_image": recipe.get("initImageSha256"),
+        "mask_image": recipe.get("maskImageSha256"),
+    }
+    return {name: str(value) for name, value in hashes.items() if value}
+
+
+def _recipe(source: bytes | str | Path) -> dict[str, Any]:
+    from diffusiond.imaging import read_recipe  # Pillow, only when needed
+
+    data = source if isinstance(source, bytes) else _read_bounded(Path(source))
+    return read_recipe(data)
 
 
 def _read_bounded(path: Path) -> bytes:

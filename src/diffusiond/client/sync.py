@@ -12,6 +12,7 @@ import httpx
 
 from diffusiond.client import _protocol as proto
 from diffusiond.client.errors import ServerBusyError
+from diffusiond.client.inputs import ImageInput
 from diffusiond.client.models import GeneratedImage, Generation, Health
 
 
@@ -58,17 +59,26 @@ class Client:
         prompt: str,
         *,
         negative_prompt: str | None = None,
-        width: int = 512,
-        height: int = 512,
+        width: int | None = None,
+        height: int | None = None,
         steps: int = 20,
         cfg_scale: float = 7.5,
         seed: int | None = None,
         sampler: str = "euler_a",
         count: int = 1,
+        init_image: ImageInput | None = None,
+        mask_image: ImageInput | None = None,
+        strength: float | None = None,
+        mask_blur: int | None = None,
         on_progress: proto.ProgressCallback | None = None,
         timeout: float | None = None,
     ) -> list[GeneratedImage]:
         """Start a generation, wait for it, and return its images.
+
+        `init_image` (a path, bytes or a PIL image) makes it image-to-image at `strength`
+        (0..1, default 0.75); with `mask_image` too, inpainting: white redraws, black is
+        kept exactly, the edge feathered over `mask_blur` pixels (default 4). Without
+        `width`/`height` the output takes the init image's size (else 512x512).
 
         Calls `on_progress(progress)` on each change. If `timeout` seconds pass, or the
         caller is interrupted (KeyboardInterrupt), the job is cancelled on the server first.
@@ -84,6 +94,10 @@ class Client:
             seed=seed,
             sampler=sampler,
             count=count,
+            init_image=init_image,
+            mask_image=mask_image,
+            strength=strength,
+            mask_blur=mask_blur,
         )
         return list(self.wait(generation.id, on_progress=on_progress, timeout=timeout).images)
 

@@ -121,21 +121,31 @@ def classify_error(exc: BaseException) -> ErrorCode:
 
 
 def image_recipe(spec: ImageSpec, model: str) -> dict[str, str]:
-    """The PNG text chunks that let one image be made again: its parameters and model."""
-    return recipe_text(
-        {
-            "prompt": spec.prompt,
-            "negativePrompt": spec.negative_prompt,
-            "width": spec.width,
-            "height": spec.height,
-            "steps": spec.steps,
-            "cfgScale": spec.cfg_scale,
-            "seed": spec.seed,
-            "sampler": spec.sampler,
-            "model": model,
-            "version": __version__,
+    """The PNG text chunks that let one image be made again: its parameters and model, and
+    for an edit its mode, strength, mask blur and the SHA-256 of the images it was given."""
+    recipe: dict[str, object] = {
+        "prompt": spec.prompt,
+        "negativePrompt": spec.negative_prompt,
+        "width": spec.width,
+        "height": spec.height,
+        "steps": spec.steps,
+        "cfgScale": spec.cfg_scale,
+        "seed": spec.seed,
+        "sampler": spec.sampler,
+        "model": model,
+        "version": __version__,
+        "mode": "txt2img",
+    }
+    edit = spec.edit
+    if edit is not None:
+        recipe |= {
+            "mode": edit.mode,
+            "strength": edit.strength,
+            "initImageSha256": edit.init.sha256,
         }
-    )
+        if edit.mask is not None:
+            recipe |= {"maskBlur": edit.mask_blur, "maskImageSha256": edit.mask.sha256}
+    return recipe_text(recipe)
 
 
 class _StageClock:
