@@ -10,6 +10,7 @@ import base64
 import io
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +223,9 @@ def test_paint_a_mask_and_generate(
     )
     results = page.locator("#gallery .result")
     expect(results).to_have_count(1)
-    expect(results.first.locator(".meta")).to_have_text(f"seed 21 · 200{X}144 · euler_a")
+    expect(results.first.locator(".meta")).to_have_text(
+        f"seed 21 · 200{X}144 · euler_a · inpaint, strength 0.6"
+    )
 
 
 def test_use_a_result_as_input_then_remove_it(web_server: ServerProcess, page: Page) -> None:
@@ -246,7 +249,9 @@ def test_use_a_result_as_input_then_remove_it(web_server: ServerProcess, page: P
     assert base64.b64decode(second["initImage"]) == result_png
     assert second["strength"] == 0.75
     assert not {"maskImage", "maskBlur", "width", "height"} & set(second), second
-    expect(page.locator("#gallery .result").first.locator(".meta")).to_contain_text(f"64{X}64")
+    expect(page.locator("#gallery .result").first.locator(".meta")).to_contain_text(
+        f"64{X}64 · euler_a · img2img, strength 0.75"
+    )
 
     # Removed: a plain text-to-image request, at the size chosen before.
     page.get_by_role("button", name="Remove input image").click()
@@ -256,6 +261,9 @@ def test_use_a_result_as_input_then_remove_it(web_server: ServerProcess, page: P
     third = generate(page, posts)
     assert not set(EDIT_FIELDS) & set(third), third
     assert (third["width"], third["height"]) == (64, 64)
+    expect(page.locator("#gallery .result").first.locator(".meta")).to_have_text(
+        re.compile(rf"^seed \d+ · 64{X}64 · euler_a$")
+    )
     with web_server.client() as http:
         wait_idle(http)
 
@@ -280,7 +288,7 @@ def test_drop_an_image_and_refuse_what_is_not_one(web_server: ServerProcess, pag
     fill_form(page, steps=2)
     body = generate(page, posts)
     assert "maskImage" not in body, "a cleared mask is no mask"
-    expect(page.locator("#gallery .result .meta")).to_contain_text(f"96{X}80")
+    expect(page.locator("#gallery .result .meta")).to_contain_text(f"96{X}80 · euler_a · img2img")
 
 
 def test_input_image_errors_shown_next_to_the_field(

@@ -655,7 +655,10 @@
 
     const meta = document.createElement("p");
     meta.className = "meta";
-    meta.textContent = `seed ${image.seed} · ${image.width}×${image.height}${sampler ? ` · ${sampler}` : ""}`;
+    const edited = ["img2img", "inpaint"].includes(recipe.mode) // an edit: how it was made
+      ? ` · ${recipe.mode}, strength ${recipe.strength}` : "";
+    meta.textContent =
+      `seed ${image.seed} · ${image.width}×${image.height}${sampler ? ` · ${sampler}` : ""}${edited}`;
 
     const actions = document.createElement("div");
     actions.className = "result-actions";
