@@ -282,13 +282,25 @@ def test_drop_an_image_and_refuse_what_is_not_one(web_server: ServerProcess, pag
     expect(page.locator("#initImage-error")).to_be_hidden()
     canvas = MaskCanvas(page, 96)
     canvas.drag((0.2, 0.3), (0.8, 0.7))
+    outline = page.locator("#brush-outline")  # the brush's size, under the pointer
+    expect(outline).to_be_visible()
+    outline_box = outline.bounding_box()
+    assert outline_box is not None
+    assert (outline_box["width"], outline_box["height"]) == (BRUSH_PX, BRUSH_PX)
     page.get_by_role("button", name="Clear mask").click()
+    expect(page.locator("#mask-state")).to_contain_text("No mask")
+    expect(outline).to_be_hidden()
+
+    # A new image dropped on the image itself takes its place, with a new mask.
+    canvas.drag((0.2, 0.3), (0.8, 0.7))
+    drop_file(page, "#mask-canvas", input_png(120, 72), "second.png", "image/png")
+    expect(page.locator("#input-caption")).to_have_text(f"second.png · 120 {X} 72")
     expect(page.locator("#mask-state")).to_contain_text("No mask")
 
     fill_form(page, steps=2)
     body = generate(page, posts)
     assert "maskImage" not in body, "a cleared mask is no mask"
-    expect(page.locator("#gallery .result .meta")).to_contain_text(f"96{X}80 · euler_a · img2img")
+    expect(page.locator("#gallery .result .meta")).to_contain_text(f"120{X}72 · euler_a · img2img")
 
 
 def test_input_image_errors_shown_next_to_the_field(

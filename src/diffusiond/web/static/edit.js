@@ -153,7 +153,21 @@ window.DiffusiondEdit = (() => {
     paintDot(stroke);
   }
 
+  /** The brush's outline under the pointer: what a stroke will cover. */
+  function showBrush(event) {
+    const outline = $("brush-outline");
+    const box = $("mask-canvas").getBoundingClientRect();
+    const size = Number($("brush-size").value);
+    outline.style.width = `${size}px`;
+    outline.style.height = `${size}px`;
+    outline.style.left = `${event.clientX - box.left - size / 2}px`;
+    outline.style.top = `${event.clientY - box.top - size / 2}px`;
+    outline.classList.toggle("erasing", erasing());
+    outline.hidden = false;
+  }
+
   function onPointerMove(event) {
+    if (event.pointerType !== "touch") showBrush(event);
     if (!stroke || event.pointerId !== stroke.pointerId) return;
     const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [];
     for (const each of events.length ? events : [event]) {
@@ -250,18 +264,21 @@ window.DiffusiondEdit = (() => {
 
   function setUp(given) {
     hooks = given;
-    const drop = $("drop-zone");
+    const drop = $("drop-zone"); // highlighted; the whole fieldset takes the drop
+    const target = $("edit");
     $("initImage").addEventListener("change", () => {
       const file = $("initImage").files[0];
       if (file) useImage(file, file.name);
     });
-    drop.addEventListener("dragover", (event) => {
+    target.addEventListener("dragover", (event) => {
       event.preventDefault(); // without it the browser opens the dropped file itself
       event.dataTransfer.dropEffect = "copy";
       drop.classList.add("dragging");
     });
-    drop.addEventListener("dragleave", () => drop.classList.remove("dragging"));
-    drop.addEventListener("drop", (event) => {
+    target.addEventListener("dragleave", (event) => {
+      if (!target.contains(event.relatedTarget)) drop.classList.remove("dragging");
+    });
+    target.addEventListener("drop", (event) => {
       event.preventDefault();
       drop.classList.remove("dragging");
       const file = event.dataTransfer.files[0];
@@ -272,6 +289,7 @@ window.DiffusiondEdit = (() => {
     canvas.addEventListener("pointermove", onPointerMove);
     canvas.addEventListener("pointerup", onPointerEnd);
     canvas.addEventListener("pointercancel", onPointerEnd);
+    canvas.addEventListener("pointerleave", () => { $("brush-outline").hidden = true; });
     $("mask-clear").addEventListener("click", clearMask);
     $("input-remove").addEventListener("click", removeImage);
     $("brush-size").addEventListener("input", () => {
