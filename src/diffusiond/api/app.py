@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -132,9 +134,15 @@ class _Endpoints:
 
     async def create(self, request: Request) -> Response:
         body = await _read_body(request, self._config.max_body_bytes)
-        parsed = parse_generation_request(
-            body, max_batch=self._config.max_batch, max_pixels=self._config.max_pixels
+        parse = functools.partial(
+            parse_generation_request,
+            body,
+            max_batch=self._config.max_batch,
+            max_pixels=self._config.max_pixels,
         )
+        # A body with images takes milliseconds to check (base64, a full decode): off the
+        # event loop, so that polls and streams of other jobs are not held up meanwhile.
+        parsed = parse() if len(body) <= MAX_BODY_BYTES else await run_in_threadpool(parse)
         raw_key = request.headers.get("idempotency-key")
         key = check_idempotency_key(raw_key) if raw_key is not None else None
         wait_s = wait_preference(request)

@@ -9,7 +9,7 @@ same encode, diffuse and decode steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image as PILImage
 from PIL import ImageFilter
@@ -87,9 +87,10 @@ def feather(mask: Image, radius: int) -> Image:
     return mask.filter(ImageFilter.GaussianBlur(radius))
 
 
-def _decoded(image: InputImage, mode: str) -> Image:
+def _decoded(image: InputImage, mode: Literal["RGB", "RGBA"]) -> Image:
     # Checked when the request was parsed; read again here, as a broker worker gets bytes.
-    return read_image(image.data, max_pixels=image.width * image.height, mode="RGBA").convert(mode)
+    # In RGB, transparent parts are laid on white by the guarded reader.
+    return read_image(image.data, max_pixels=image.width * image.height, mode=mode)
 
 
 def prepare_edit(spec: ImageSpec, *, inpainting_unet: bool) -> PreparedEdit | None:

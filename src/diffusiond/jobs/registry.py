@@ -341,7 +341,14 @@ class GenerationRegistry:
 
 
 def _size(job: Job) -> int:
-    return sum(len(image.png) for image in job.result.images) if job.result is not None else 0
+    """The bytes a complete job holds: its PNGs, and the input images of an edit."""
+    if job.result is None:
+        return 0
+    edit = job.request.edit
+    inputs = 0
+    if edit is not None:
+        inputs = len(edit.init.data) + (len(edit.mask.data) if edit.mask is not None else 0)
+    return inputs + sum(len(image.png) for image in job.result.images)
 
 
 def _log_transition(job: Job, duration_ms: int) -> None:

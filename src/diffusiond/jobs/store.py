@@ -303,7 +303,10 @@ def _record(job: Job) -> dict[str, Any]:
             "previewEvery": request.preview_every,
         },
     }
-    if request.edit is not None:  # a restored pending edit job must run with its images
+    # A restored pending edit job must run with its images. Once it has started they are
+    # not needed again (a job running at a restart ends SERVER_RESTARTED), and progress
+    # writes stay small: the images are written once, not on every flush.
+    if request.edit is not None and job.status is JobStatus.PENDING:
         record["request"]["edit"] = edit_to_json(request.edit)
     if job.progress is not None:
         p = job.progress
