@@ -321,6 +321,19 @@ def test_input_image_errors_shown_next_to_the_field(
     expect(page.get_by_label("Replace the input image")).to_be_focused()
     assert posts == []
 
+    # A mask blur out of range, with a mask painted: the page's rule, by the field.
+    page.get_by_label("Size", exact=True).select_option("256x256")
+    MaskCanvas(page, 40).drag((0.2, 0.5), (0.8, 0.5))
+    page.get_by_label("Mask blur").fill("65")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#maskBlur-error")).to_have_text("maskBlur must be an integer from 0 to 64")
+    expect(page.get_by_label("Mask blur")).to_have_attribute("aria-invalid", "true")
+    expect(page.get_by_label("Mask blur")).to_be_focused()
+    assert posts == []
+    page.get_by_label("Mask blur").fill("4")
+    expect(page.locator("#maskBlur-error")).to_be_hidden()
+    page.get_by_role("button", name="Clear mask").click()
+
     # More pixels than this server takes (4 x its budget): the server's 400, by the field.
     big = tmp_path / "big.png"
     big.write_bytes(input_png(520, 520))
