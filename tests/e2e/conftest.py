@@ -33,6 +33,8 @@ API_KEY = "e2e-key-0123456789abcdef"
 # The locked server's pixel budget: smaller than the page's default 512 x 512, so the page
 # sends a size that only the server refuses.
 SMALL_MAX_PIXELS = 256 * 256
+# The locked server's body limit (the least it takes): an input image's body can pass it.
+SMALL_MAX_BODY_BYTES = 64 * 1024
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +75,12 @@ def web_server(web_home: Path) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def locked_server(web_home: Path) -> Iterator[ServerProcess]:
-    """A server with an API key and a small pixel budget."""
-    env = {"IMAGE_API_KEY": API_KEY, "IMAGE_MAX_PIXELS": str(SMALL_MAX_PIXELS)}
+    """A server with an API key, a small pixel budget and a small body limit."""
+    env = {
+        "IMAGE_API_KEY": API_KEY,
+        "IMAGE_MAX_PIXELS": str(SMALL_MAX_PIXELS),
+        "IMAGE_MAX_BODY_BYTES": str(SMALL_MAX_BODY_BYTES),
+    }
     process = start_server(web_home, env=env)
     yield process
     assert process.stop() == 0, process.text()

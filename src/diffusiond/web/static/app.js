@@ -9,8 +9,12 @@
   const SAMPLERS = ["euler_a", "euler", "heun", "dpm2", "dpm++2s_a", "dpm++2m", "dpm++2mv2",
     "lcm", "ddim", "unipc"];
   const TERMINAL = new Set(["complete", "error", "cancelled"]);
-  const FIELDS = ["prompt", "negativePrompt", "width", "height", "steps", "cfgScale", "seed",
-    "sampler", "count"];
+  const edit = window.DiffusiondEdit; // the input image and its mask (edit.js)
+  // In the order of the form: the first one with an error takes the focus.
+  const FIELDS = ["prompt", "negativePrompt", ...edit.FIELDS, "width", "height", "steps",
+    "cfgScale", "seed", "sampler", "count"];
+  // The mask's errors are shown by the canvas, which takes no focus: its Clear button does.
+  const FOCUS = { maskImage: "mask-clear" };
   const STAGES = { loading: "Preparing", diffusion: "Diffusing", decoding: "Decoding" };
   const MAX_GALLERY = 40;
 
@@ -19,6 +23,7 @@
     maxBatch: 5,
     pollMs: 500,
     job: null, // {id, request, abort: AbortController} while one is followed
+    sizeBefore: null, // {size, width, height} chosen before an input image set its own size
   };
 
   class ApiError extends Error {
@@ -209,13 +214,9 @@
         `negativePrompt must be at most ${MAX_TEXT} characters, got ${negative.length}`;
     }
     body.negativePrompt = negative;
-    for (const field of ["width", "height"]) {
-      const value = readInt(field);
-      if (value === null || value < 64 || value > 2048 || value % 8 !== 0) {
-        errors[field] = intRule(field, 64, 2048, ", a multiple of 8");
-      }
-      body[field] = value;
-    }
+    edit.check(body, errors);
+    if (sizeFromInput()) checkInputSize(errors);
+    else checkSize(body, errors);
     const steps = readInt("steps");
     if (steps === null || steps < 1 || steps > 150) errors.steps = intRule("steps", 1, 150);
     body.steps = steps;
@@ -246,35 +247,98 @@
     return { body, errors };
   }
 
-  function clearErrors() {
-    for (const field of FIELDS) {
-      $(`${field}-error`).textContent = "";
-      $(field).removeAttribute("aria-invalid");
+  function checkSize(body, errors) {
+    for (const field of ["width", "height"]) {
+      const value = readInt(field);
+      if (value === null || value < 64 || value > 2048 || value % 8 !== 0) {
+        errors[field] = intRule(field, 64, 2048, ", a multiple of 8");
+      }
+      body[field] = value;
     }
+  }
+
+  /** No width or height is sent: the server makes the input's size, rounded down to 8. */
+  function checkInputSize(errors) {
+    const { width, height } = edit.inputSize();
+    const made = madeSize(width, height);
+    if (made.some((side) => side < 64)) {
+      errors.initImage = `initImage is ${width}×${height}, which makes a ${made[0]}×${made[1]} ` +
+        "image: width and height must be at least 64; choose a size below";
+    }
+  }
+
+  /** The size the server makes from an input image without width and height: its own,
+   * scaled to fit 2048 (and the server's pixel budget, which the page does not know),
+   * rounded down to a multiple of 8. */
+  function madeSize(width, height) {
+    const scale = Math.min(1, 2048 / width, 2048 / height);
+    return [width, height].map((side) => Math.floor(Math.floor(side * scale) / 8) * 8);
+  }
+
+  function sizeFromInput() {
+    return $("size").value === "input" && edit.hasInput();
+  }
+
+  function clearError(field) {
+    $(`${field}-error`).textContent = "";
+    if ($(field)) $(field).removeAttribute("aria-invalid");
+  }
+
+  function clearErrors() {
+    for (const field of FIELDS) clearError(field);
     $("form-error").textContent = "";
   }
 
   function showFieldError(field, message) {
     $(`${field}-error`).textContent = message;
-    $(field).setAttribute("aria-invalid", "true");
+    if ($(field)) $(field).setAttribute("aria-invalid", "true");
+  }
+
+  function focusField(field) {
+    $(FOCUS[field] || field).focus();
   }
 
   function showErrors(errors) {
     const fields = FIELDS.filter((field) => field in errors);
     for (const field of fields) showFieldError(field, errors[field]);
-    if (fields.length) $(fields[0]).focus();
+    if (fields.length) focusField(fields[0]);
     return fields.length;
   }
 
   function syncSize() {
     const value = $("size").value;
+    $("size-help").hidden = !edit.hasInput();
     if (value === "custom") return;
-    const [width, height] = value.split("x");
+    const input = edit.inputSize();
+    const [width, height] = value === "input" && input
+      ? madeSize(input.width, input.height)
+      : value.split("x");
     for (const [field, size] of [["width", width], ["height", height]]) {
-      $(field).value = size;
-      $(`${field}-error`).textContent = "";
-      $(field).removeAttribute("aria-invalid");
+      $(field).value = String(size);
+      clearError(field);
     }
+  }
+
+  /** An input image came (SIZE is its size) or went (null): the size follows it. */
+  function inputChanged(size) {
+    const option = $("size-input");
+    const wasInput = $("size").value === "input";
+    option.hidden = size === null;
+    option.disabled = size === null;
+    if (size) {
+      const made = madeSize(size.width, size.height);
+      option.textContent = `Input image's size (${made[0]} × ${made[1]})`;
+      if ($("size").value !== "input") {
+        state.sizeBefore = { size: $("size").value, width: $("width").value, height: $("height").value };
+      }
+      $("size").value = "input";
+    } else if (wasInput) {
+      const before = state.sizeBefore || { size: "512x512", width: "512", height: "512" };
+      $("size").value = before.size;
+      $("width").value = before.width;
+      $("height").value = before.height;
+    }
+    syncSize();
   }
 
   function sizeFromFields() {
@@ -311,6 +375,7 @@
     setRunning(true);
     say("Sending the request…");
     resetProgress();
+    await edit.addMask(body);
     let response;
     try {
       response = await api("v1/images/generations", {
@@ -325,18 +390,22 @@
     }
     if (!response.ok) {
       setRunning(false);
-      refused(await errorOf(response));
+      refused(await errorOf(response), body);
       return;
     }
     const created = await response.json();
     follow(created.id, body);
   }
 
-  function refused(error) {
-    const field = error.details && error.details.field;
-    if (error.status === 400 && FIELDS.includes(field)) {
+  function refused(error, body) {
+    let field = error.details && error.details.field;
+    if (error.status === 413 && body.initImage) { // the images made it too big
+      field = "initImage";
+      error.message = `${error.message}, with the images in it: pick a smaller input image`;
+    }
+    if ((error.status === 400 || error.status === 413) && FIELDS.includes(field)) {
       showFieldError(field, error.message);
-      $(field).focus();
+      focusField(field);
       say(`The server refused the request: ${error.message}`);
     } else if (error.code === "SERVER_BUSY") {
       const wait = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : "";
@@ -557,8 +626,8 @@
       const bytes = pngBytes(image.image);
       const recipe = pngRecipe(bytes) || {};
       const sampler = recipe.sampler || (request && request.sampler) || "";
-      const url = URL.createObjectURL(new Blob([bytes], { type: "image/png" }));
-      return resultItem(job.id, index, images.length, image, sampler, url, recipe);
+      const blob = new Blob([bytes], { type: "image/png" });
+      return resultItem(job.id, index, images.length, image, sampler, blob, recipe);
     });
     gallery.prepend(...items);
     while (gallery.children.length > MAX_GALLERY) {
@@ -569,7 +638,8 @@
     $("gallery-empty").hidden = gallery.children.length > 0;
   }
 
-  function resultItem(jobId, index, total, image, sampler, url, recipe) {
+  function resultItem(jobId, index, total, image, sampler, blob, recipe) {
+    const url = URL.createObjectURL(blob);
     const item = document.createElement("li");
     item.className = "result";
     item.dataset.job = jobId;
@@ -591,7 +661,10 @@
 
     const meta = document.createElement("p");
     meta.className = "meta";
-    meta.textContent = `seed ${image.seed} · ${image.width}×${image.height}${sampler ? ` · ${sampler}` : ""}`;
+    const edited = ["img2img", "inpaint"].includes(recipe.mode) // an edit: how it was made
+      ? ` · ${recipe.mode}, strength ${recipe.strength}` : "";
+    meta.textContent =
+      `seed ${image.seed} · ${image.width}×${image.height}${sampler ? ` · ${sampler}` : ""}${edited}`;
 
     const actions = document.createElement("div");
     actions.className = "result-actions";
@@ -601,17 +674,27 @@
     download.download = `${jobId}-${index + 1}-seed${image.seed}.png`;
     download.textContent = "Download PNG";
     download.setAttribute("aria-label", `Download ${name} as PNG`);
-    const reuse = document.createElement("button");
-    reuse.type = "button";
-    reuse.className = "reuse";
-    reuse.textContent = "Reuse seed";
-    reuse.setAttribute("aria-label", `Reuse seed ${image.seed} in the form`);
-    reuse.addEventListener("click", () => reuseSeed(image.seed));
-    actions.append(download, reuse);
+    actions.append(
+      download,
+      actionButton("Reuse seed", `Reuse seed ${image.seed} in the form`,
+        () => reuseSeed(image.seed)),
+      actionButton("Use as input", `Use ${name} as the input image`,
+        () => useAsInput(blob, `${jobId}-${index + 1}.png`, name)),
+    );
 
     item.append(view, meta, actions);
     if (recipe.prompt) item.title = recipe.prompt;
     return item;
+  }
+
+  function actionButton(text, label, onClick) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "reuse";
+    button.textContent = text;
+    button.setAttribute("aria-label", label);
+    button.addEventListener("click", onClick);
+    return button;
   }
 
   function reuseSeed(seed) {
@@ -620,6 +703,13 @@
     $("count").value = "1";
     $("seed").focus();
     say(`Seed ${seed} is in the form; press Generate to draw it again.`);
+  }
+
+  async function useAsInput(blob, fileName, name) {
+    if (!(await edit.useImage(blob, fileName))) return;
+    $("editor").scrollIntoView({ block: "start" });
+    $("strength").focus({ preventScroll: true });
+    say(`The generated ${name} is the input image: paint a mask on it or press Generate.`);
   }
 
   function openViewer(url, name, image) {
@@ -713,11 +803,9 @@
       if (!$("seedRandom").checked) $("seed").focus();
     });
     for (const field of FIELDS) {
-      $(field).addEventListener("input", () => {
-        $(`${field}-error`).textContent = "";
-        $(field).removeAttribute("aria-invalid");
-      });
+      if ($(field)) $(field).addEventListener("input", () => clearError(field));
     }
+    edit.setUp({ changed: inputChanged, say });
     $("viewer-close").addEventListener("click", () => $("viewer").close());
     $("viewer").addEventListener("click", (event) => {
       if (event.target === $("viewer")) $("viewer").close(); // a click on the backdrop
