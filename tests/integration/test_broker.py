@@ -84,8 +84,8 @@ def running(client: httpx.Client, job_id: str) -> None:
         job_id,
         lambda body: (
             body["status"] == "in_progress"
-            and body["progress"]["stage"] == "diffusion"
-            and body["progress"]["currentStep"] >= 1
+            and (body.get("progress") or {}).get("stage") == "diffusion"
+            and (body.get("progress") or {}).get("currentStep", 0) >= 1
         ),
     )
 

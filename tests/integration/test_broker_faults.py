@@ -166,7 +166,8 @@ def test_a_worker_stopped_past_its_grace_ends_its_job_and_never_requeues_it(
                 http,
                 job_id,
                 lambda body: (
-                    body["status"] == "in_progress" and body["progress"]["currentStep"] >= 1
+                    body["status"] == "in_progress"
+                    and (body.get("progress") or {}).get("currentStep", 0) >= 1
                 ),
             )
             code = worker.stop(timeout_s=60)  # SIGTERM; the grace (1 s) runs out mid-job

@@ -225,7 +225,7 @@ def test_an_edit_job_shows_previews_and_cancels_within_its_steps(client: httpx.C
         job_id,
         lambda state: (
             state["status"] == "in_progress"
-            and "preview" in state["progress"]
+            and "preview" in (state.get("progress") or {})
             and state["progress"]["currentStep"] >= 1
         ),
     )

@@ -72,8 +72,9 @@ def wait_first_step(http: HttpClient, job_id: str) -> None:
         job_id,
         lambda body: (
             body["status"] == "in_progress"
-            and body["progress"]["stage"] == "diffusion"
-            and body["progress"]["currentStep"] >= 1
+            # in_progress may come a moment before its first progress report
+            and (body.get("progress") or {}).get("stage") == "diffusion"
+            and (body.get("progress") or {}).get("currentStep", 0) >= 1
         ),
     )
 
