@@ -62,7 +62,7 @@ from bench._server import (
 )
 from bench._soak_load import canceller, poller, submitter
 from bench._soak_report import Outcome, print_report
-from bench._soak_requests import MAX_PIXELS, PATH
+from bench._soak_requests import MAX_BODY_BYTES, MAX_PIXELS, PATH
 from bench._soak_rss import monitor, read_rss_kb
 from bench._soak_state import Soak
 from diffusiond.testing.waits import NeverHappened, eventually
@@ -151,6 +151,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def server_args(args: argparse.Namespace) -> list[str]:
     extra = ["--max-pixels", str(MAX_PIXELS), "--result-ttl-ms", str(args.ttl_ms)]
     extra += ["--cleanup-interval-ms", str(args.cleanup_ms)]
+    # The generation POST takes up to 24 MiB by default (images for editing); the soak's
+    # oversize requests test the early 413 at the smallest limit the server allows.
+    extra += ["--max-body-bytes", str(MAX_BODY_BYTES)]
     if args.max_concurrent is not None:
         extra += ["--max-concurrent", str(args.max_concurrent)]
     return extra
