@@ -17,6 +17,7 @@ def make_backend(settings: Settings) -> Backend:
     """
     if settings.backend == "diffusers":
         from diffusiond.backends.diffusers_backend import DiffusersBackend, check_model_path
+        from diffusiond.backends.lora_files import lora_folder
 
         if settings.model is not None:
             check_model_path(settings.model)
@@ -28,6 +29,7 @@ def make_backend(settings: Settings) -> Backend:
             dtype=settings.dtype,
             model_config=settings.model_config,
             compile_model=settings.compile,
+            loras_dir=lora_folder(settings.models_dir, settings.loras_dir),
         )
     module_name, _, attribute = settings.backend.partition(":")
     if not module_name or not attribute:
