@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -63,10 +64,10 @@ class LoraTensorCache:
 
     def get(self, entry: LoraFile) -> dict[str, torch.Tensor]:
         key = _file_key(entry)
-        tensors = self._entries.get(key)
-        if tensors is not None:
+        cached = self._entries.get(key)
+        if cached is not None:
             self._entries.move_to_end(key)
-            return tensors
+            return cached
         tensors: dict[str, torch.Tensor] = load_file(str(entry.path))
         self.reads += 1
         self._entries[key] = tensors
@@ -161,7 +162,9 @@ class PipelineLoras:
         try:
             tensors = self.cache.get(entry)
             # diffusers takes keys out of the dict it is given: a copy, the cache keeps its own.
-            self._pipeline.load_lora_weights(dict(tensors), adapter_name=adapter)
+            with warnings.catch_warnings():  # peft warns of a second adapter: that is the plan
+                warnings.simplefilter("ignore", UserWarning)
+                self._pipeline.load_lora_weights(dict(tensors), adapter_name=adapter)
         except Exception as exc:
             self._discard(adapter)
             raise LoraLoadError(

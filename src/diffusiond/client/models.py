@@ -161,3 +161,19 @@ class Health:
             version=body.get("version"),
             raw=body,
         )
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """One LoRA of the server's GET /v1/loras: its name (for `loras=`) and architecture."""
+
+    name: str
+    architecture: str
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> LoraInfo:
+        return cls(name=str(body["name"]), architecture=str(body["architecture"]))
+
+    @classmethod
+    def listing(cls, body: dict[str, Any]) -> list[LoraInfo]:
+        return [cls.from_wire(entry) for entry in body["loras"]]
