@@ -125,9 +125,13 @@ class PipelineLoras:
                 self._changed.notify_all()
 
     def _resolve(self, loras: Sequence[LoraWeight]) -> ActiveSet:
-        """The adapters for `loras`, loaded where they are not yet (a weight of 0: left out)."""
+        """The adapters for `loras`, loaded where they are not yet (a weight of 0: left out).
+
+        In the order of their names: the layers add the adapters' outputs in this order,
+        and floating-point sums depend on it, so the request's order does not change the
+        image."""
         wanted = []
-        for lora in loras:
+        for lora in sorted(loras, key=lambda lora: lora.name):
             if lora.weight != 0:
                 wanted.append((self._adapter(lora.name), lora.weight))
         return tuple(wanted)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -129,7 +130,7 @@ class AsyncClient:
     async def health(self) -> Health:
         return Health.from_wire(await self._call("GET", "/health"))
 
-    async def loras(self) -> list[LoraInfo]:
+    async def loras(self) -> builtins.list[LoraInfo]:
         """The LoRAs the server can apply (GET /v1/loras), by name."""
         return LoraInfo.listing(await self._call("GET", "/v1/loras"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -142,7 +143,7 @@ class Client:
     def health(self) -> Health:
         return Health.from_wire(self._call("GET", "/health"))
 
-    def loras(self) -> list[LoraInfo]:
+    def loras(self) -> builtins.list[LoraInfo]:
         """The LoRAs the server can apply (GET /v1/loras), by name."""
         return LoraInfo.listing(self._call("GET", "/v1/loras"))
 
