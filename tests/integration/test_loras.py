@@ -24,7 +24,7 @@ from diffusiond.testing.requests import submit
 from tests.support import loras
 from tests.support.server import ServerProcess, poll_until, start_server, wait_idle
 
-JOB = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 3, "seed": 11}
+JOB: dict[str, Any] = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 3, "seed": 11}
 KOHYA = "detail.kohya"  # a dot in the name: peft adapter names cannot hold one
 PEFT = "style_peft"
 

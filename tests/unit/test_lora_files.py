@@ -21,7 +21,9 @@ from diffusiond.backends.lora_files import (
 from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import LoraWeight
 
-KOHYA_SD1 = {
+Shapes = dict[str, tuple[int, ...]]
+
+KOHYA_SD1: Shapes = {
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (
         4,
         768,
@@ -30,32 +32,32 @@ KOHYA_SD1 = {
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.alpha": (),
     "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 768),
 }
-KOHYA_SD2_TEXT_ONLY = {
+KOHYA_SD2_TEXT_ONLY: Shapes = {
     "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (8, 1024),
     "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": (1024, 8),
 }
-KOHYA_SDXL = {
+KOHYA_SDXL: Shapes = {
     "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 2048),
     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 768),
 }
-KOHYA_SDXL_UNET_ONLY = {
+KOHYA_SDXL_UNET_ONLY: Shapes = {
     "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v.lora_down.weight": (4, 2048),
 }
-PEFT_SD1 = {
+PEFT_SD1: Shapes = {
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": (4, 768),
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": (320, 4),
 }
-PEFT_SD2_OLD_NAMES = {
+PEFT_SD2_OLD_NAMES: Shapes = {
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora.down.weight": (4, 1024),
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora.up.weight": (320, 4),
 }
-PEFT_SDXL_TEXT = {
+PEFT_SDXL_TEXT: Shapes = {
     "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": (4, 1280),
 }
-PEFT_UNET_SELF_ATTENTION_ONLY = {
+PEFT_UNET_SELF_ATTENTION_ONLY: Shapes = {
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": (4, 320),
 }
-NOT_A_LORA = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}
+NOT_A_LORA: Shapes = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}
 
 
 def write_header(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
