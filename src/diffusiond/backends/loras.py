@@ -130,13 +130,14 @@ class PipelineLoras:
         In the order of their names: the layers add the adapters' outputs in this order,
         and floating-point sums depend on it, so the request's order does not change the
         image."""
-        wanted = []
+        wanted: list[tuple[str, float]] = []
         for lora in sorted(loras, key=lambda lora: lora.name):
             if lora.weight != 0:
-                wanted.append((self._adapter(lora.name), lora.weight))
+                keep = {adapter for adapter, _ in wanted}
+                wanted.append((self._adapter(lora.name, keep), lora.weight))
         return tuple(wanted)
 
-    def _adapter(self, name: str) -> str:
+    def _adapter(self, name: str, keep: set[str]) -> str:
         entry = self._catalog.find(name)
         if entry is None:
             raise LoraLoadError(f"there is no LoRA named {name!r} in this worker's LoRA folder")
@@ -152,15 +153,15 @@ class PipelineLoras:
         if adapter is not None:
             self._resident.move_to_end(key)
             return adapter
-        return self._load(key, entry)
+        return self._load(key, entry, keep)
 
-    def _load(self, key: FileKey, entry: LoraFile) -> str:
+    def _load(self, key: FileKey, entry: LoraFile, keep: set[str]) -> str:
         # Loading changes the modules: only while no job computes with them.
         while self._users:
             self._changed.wait()
         if key in self._resident:  # another job loaded it meanwhile
             return self._resident[key]
-        self._evict()
+        self._evict(keep)
         adapter = f"lora{self._next_adapter}"
         self._next_adapter += 1
         try:
@@ -182,13 +183,16 @@ class PipelineLoras:
         log.info("LoRA %s loaded as adapter %s", entry.name, adapter)
         return adapter
 
-    def _evict(self) -> None:
-        in_use = {adapter for adapter, _ in self._active}
+    def _evict(self, keep: set[str]) -> None:
+        """Room for one more adapter; `keep`: those the request being resolved uses. (No
+        job runs now, so the active set may go: `applied` activates the new one.)"""
         while len(self._resident) >= self._max_resident:
-            victim = next((k for k, a in self._resident.items() if a not in in_use), None)
+            victim = next((k for k, a in self._resident.items() if a not in keep), None)
             if victim is None:
                 return
-            self._discard(self._resident.pop(victim))
+            adapter = self._resident.pop(victim)
+            self._discard(adapter)
+            self._active = tuple(pair for pair in self._active if pair[0] != adapter)
 
     def _discard(self, adapter: str) -> None:
         """Take `adapter` out of every module that has it (a failed load leaves parts)."""
