@@ -70,7 +70,9 @@ def write_kohya_lora(pipeline: Any, path: Path, rank: int, seed: int) -> int:
 
 
 class Timed:
-    """One request: its loading stage and its whole time, in seconds."""
+    """One request: its loading stage, its whole time and its CPU time, in seconds (on one
+    torch thread the CPU time is the work done, steadier than the wall time on a busy
+    machine)."""
 
     def __init__(self, backend: DiffusersBackend, spec: ImageSpec) -> None:
         marks: dict[str, float] = {}
@@ -80,7 +82,9 @@ class Timed:
                 marks[f"loading{step}"] = time.perf_counter()
 
         started = time.perf_counter()
+        cpu_started = time.process_time()
         image = backend.generate(spec, on_stage, lambda: False)
+        self.cpu_s = time.process_time() - cpu_started
         self.total_s = time.perf_counter() - started
         self.loading_s = marks["loading1"] - marks["loading0"]
         self.pixels = image.tobytes()
@@ -161,10 +165,11 @@ def run_cases(backend: DiffusersBackend, loras_dir: Path, args: argparse.Namespa
         f"model {args.model}, {args.size}x{args.size}, {args.steps} steps, {args.dtype}, "
         f"{args.threads} thread(s); LoRA rank {args.rank}, {sizes[0] / 1e6:.1f} MB"
     )
-    print(f"{'case':40} {'loading ms':>11} {'request s':>10}")
+    print(f"{'case':40} {'loading ms':>11} {'request s':>10} {'CPU s':>7}")
     for name, timed in cases.items():
         loading = _median(timed, lambda run: run.loading_s) * 1000
-        print(f"{name:40} {loading:11.1f} {_median(timed, lambda run: run.total_s):10.3f}")
+        total = _median(timed, lambda run: run.total_s)
+        print(f"{name:40} {loading:11.1f} {total:10.3f} {_median(timed, lambda r: r.cpu_s):7.3f}")
     print(f"no leak (none after == none before, pixels): {same}")
     read = loras.cache.reads - reads
     print(f"files read while alternating: {read} (bench2's first use; then none)")

@@ -34,6 +34,7 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("loras")
     loras.kohya(folder / f"{KOHYA}.safetensors")
     loras.peft(folder / f"{PEFT}.safetensors")
+    loras.kohya(folder / "unet_only.safetensors", seed=5, rank_scale=0.5, text=False)
     loras.sdxl_header_lora(folder / "xl_only.safetensors")
     loras.misfit(folder / "misfit.safetensors")
     (folder / "notes.txt").write_text("not a LoRA")
@@ -80,6 +81,7 @@ def test_lists_the_loras_of_the_folder_with_their_architecture(http: httpx.Clien
             {"name": KOHYA, "architecture": "sd1"},
             {"name": "misfit", "architecture": "sd1"},
             {"name": PEFT, "architecture": "sd1"},
+            {"name": "unet_only", "architecture": "sd1"},
             {"name": "xl_only", "architecture": "sdxl"},
         ]
     }
@@ -116,6 +118,14 @@ def test_the_weight_matters_and_two_loras_combine(http: httpx.Client) -> None:
     assert len({half, full, both, png(http, **with_loras((PEFT, 0.8)))}) == 4
     reordered = png(http, **with_loras((PEFT, 0.8), (KOHYA, 1.0)))
     assert pixels(reordered) == pixels(both)  # the order does not matter
+
+
+def test_a_unet_only_lora_applies_alone_and_beside_another(http: httpx.Client) -> None:
+    before = png(http)
+    alone = png(http, **with_loras(("unet_only", 1.0)))
+    beside = png(http, **with_loras(("unet_only", 1.0), (PEFT, 0.8)))
+    assert len({before, alone, beside, png(http, **with_loras((PEFT, 0.8)))}) == 4
+    assert png(http) == before
 
 
 def test_the_recipe_names_each_lora_and_weight(http: httpx.Client) -> None:

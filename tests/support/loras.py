@@ -36,11 +36,13 @@ def _pair(generator: torch.Generator, features: tuple[int, int]) -> tuple[torch.
     return down, up
 
 
-def kohya(path: Path, seed: int = 1, *, rank_scale: float = 1.0) -> Path:
-    """A kohya/AUTOMATIC1111 LoRA at `path`; `alpha` is the rank times `rank_scale`."""
+def kohya(path: Path, seed: int = 1, *, rank_scale: float = 1.0, text: bool = True) -> Path:
+    """A kohya/AUTOMATIC1111 LoRA at `path`; `alpha` is the rank times `rank_scale`;
+    `text=False` leaves the text encoder out (many LoRAs train the UNet only)."""
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
-    for prefix, layers in (("lora_unet_", UNET_LAYERS), ("lora_te_", TEXT_LAYERS)):
+    parts = [("lora_unet_", UNET_LAYERS)] + ([("lora_te_", TEXT_LAYERS)] if text else [])
+    for prefix, layers in parts:
         for module, features in layers.items():
             key = prefix + module.replace(".", "_")
             down, up = _pair(generator, features)
