@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-import webuiapi
+import webuiapi  # type: ignore[import-untyped]  # no stubs, no py.typed
 from PIL import Image
 
 from diffusiond.testing.waits import eventually

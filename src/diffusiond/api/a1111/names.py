@@ -9,6 +9,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from diffusiond.errors import InvalidRequest
+from diffusiond.jobs.models import LORA_WEIGHT_LIMIT, MAX_LORAS
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,6 @@ def map_scheduler(scheduler_name: str | None, schedulers: Collection[str]) -> st
 
 # <lora:name:weight> or <lora:name> (weight 1), as A1111's extra networks write them.
 _LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?(?::[^<>]*)?>", re.IGNORECASE)
-MAX_LORA_WEIGHT = 10.0
 
 
 def split_lora_tags(prompt: str) -> tuple[str, tuple[tuple[str, float], ...]]:
@@ -154,12 +154,14 @@ def split_lora_tags(prompt: str) -> tuple[str, tuple[tuple[str, float], ...]]:
     for match in _LORA_TAG.finditer(prompt):
         name = match.group(1).strip()
         raw = (match.group(2) or "1").strip()
-        rule = f"<lora:name:weight> with a weight from -{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}"
+        rule = (
+            f"<lora:name:weight> with a weight from -{LORA_WEIGHT_LIMIT:g} to {LORA_WEIGHT_LIMIT:g}"
+        )
         try:
             weight = float(raw)
         except ValueError:
             weight = float("nan")
-        if not name or not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
+        if not name or not -LORA_WEIGHT_LIMIT <= weight <= LORA_WEIGHT_LIMIT:
             raise InvalidRequest(
                 f"prompt has {match.group(0)!r}: a LoRA tag must be {rule}",
                 field="prompt",
@@ -168,6 +170,11 @@ def split_lora_tags(prompt: str) -> tuple[str, tuple[tuple[str, float], ...]]:
         weights.pop(name, None)
         weights[name] = weight
     # Where a tag was, the commas and spaces around it would be left doubled: close them up.
+    if len(weights) > MAX_LORAS:
+        rule = f"at most {MAX_LORAS} different <lora:...> tags"
+        raise InvalidRequest(
+            f"prompt has {len(weights)} LoRA tags: {rule}", field="prompt", rule=rule
+        )
     text = re.sub(r",[ \t]*(?=,)", "", _LORA_TAG.sub("", prompt))
     text = re.sub(r"[ \t]+(?=[ \t,]|$)", "", text)
     text = text.strip(" \t,")

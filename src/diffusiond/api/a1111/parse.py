@@ -82,6 +82,7 @@ class Generation:
     sampler_name: str  # as the client named it, for the infotexts
     scheduler_name: str
     loras: tuple[tuple[str, float], ...]
+    clip_skip: int | None  # A1111's CLIP_stop_at_last_layers; None: the last layer
     checkpoint: Checkpoint
     edit: EditInputs | None
     send_images: bool
@@ -187,11 +188,24 @@ def _refuse_unsupported(data: dict[str, Any]) -> None:
             )
 
 
-def _checkpoint(data: dict[str, Any], limits: Limits) -> Checkpoint:
-    overrides = data.get("override_settings") or {}
+def _overrides(data: dict[str, Any]) -> dict[str, Any]:
+    overrides = data.get("override_settings")
+    if overrides is None:
+        return {}
     if not isinstance(overrides, dict):
         raise _refuse("override_settings", "an object of setting names to values", overrides)
-    name = overrides.get("sd_model_checkpoint")
+    return overrides
+
+
+def _clip_skip(data: dict[str, Any]) -> int | None:
+    raw = _overrides(data).get("CLIP_stop_at_last_layers")
+    if raw is None:
+        return None
+    return _integer("override_settings.CLIP_stop_at_last_layers", 1, 12)(raw)
+
+
+def _checkpoint(data: dict[str, Any], limits: Limits) -> Checkpoint:
+    name = _overrides(data).get("sd_model_checkpoint")
     if name is None:
         return limits.default_checkpoint
     if not isinstance(name, str):
@@ -235,6 +249,7 @@ def parse_generation(data: dict[str, Any], *, kind: str, limits: Limits) -> Gene
         sampler_name=sampler_name,
         scheduler_name=scheduler_name,
         loras=loras,
+        clip_skip=_clip_skip(data),
         checkpoint=checkpoint,
         edit=edit,
         send_images=_value(data, "send_images", _flag("send_images")),

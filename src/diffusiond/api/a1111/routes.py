@@ -56,7 +56,14 @@ from diffusiond.api.a1111.transport import (
 from diffusiond.api.events import JobEvents
 from diffusiond.api.ports import JobRunner, JobSource, Offload
 from diffusiond.errors import AlreadyTerminal, DiffusiondError, InvalidRequest, NotFound, ServerBusy
-from diffusiond.jobs.models import SAMPLERS, GenerationRequest, Job, JobStatus
+from diffusiond.jobs.models import (
+    SAMPLERS,
+    SCHEDULERS,
+    GenerationRequest,
+    Job,
+    JobStatus,
+    LoraWeight,
+)
 
 if TYPE_CHECKING:
     from diffusiond.api.app import ApiConfig
@@ -65,7 +72,6 @@ PREFIX = "/sdapi/v1"
 WAIT_LIMIT_S = 600  # how long a call waits for a free worker before a 503
 SMALL_BODY_BYTES = 64 * 1024  # /options
 LIVE_PREVIEW_EVERY = 1  # diffusion steps between the previews /progress shows
-SCHEDULERS = ("discrete",)
 _ADMISSION = "a1111:admission"  # a waiter key: woken by every job's change of status
 
 
@@ -83,6 +89,10 @@ def job_request(generation: Generation, iteration: int) -> GenerationRequest:
         count=generation.batch_size,
         preview_every=LIVE_PREVIEW_EVERY,
         edit=generation.edit,
+        model=generation.checkpoint.model_id,
+        loras=tuple(LoraWeight(name, weight) for name, weight in generation.loras),
+        scheduler=generation.scheduler,
+        clip_skip=generation.clip_skip,
     )
 
 

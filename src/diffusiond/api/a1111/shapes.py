@@ -105,7 +105,7 @@ def generation_body(running: Running) -> dict[str, Any]:
         "infotexts": [infotext(generation, image.seed) for image in images],
         "styles": [],
         "job_timestamp": running.timestamp,
-        "clip_skip": 1,
+        "clip_skip": generation.clip_skip or 1,
         "is_using_inpainting_conditioning": False,
         "version": f"diffusiond {__version__}",
         "interrupted": running.interrupted,
