@@ -308,3 +308,26 @@ def test_skip_drops_the_running_iteration_and_goes_on(
     assert deployed.registry.get(first).status is JobStatus.CANCELLED
     assert len(answer.json()["images"]) == 1
     assert info["infotexts"][0].count("Seed: 6") == 1  # the second iteration's image
+
+
+def test_the_openapi_document_lists_every_a1111_route() -> None:
+    from starlette.routing import Route
+
+    from diffusiond.api.openapi import openapi_document
+
+    app = Deployed(FakeBackend(), wait_limit_s=1).app
+    mounted = {
+        ("/sdapi/v1" + route.path, method.lower())
+        for route in app.routes
+        if isinstance(route, Route)
+        for method in route.methods or ()
+        if method != "HEAD"
+    }
+    paths = openapi_document(max_batch=4, secured=False)["paths"]
+    documented = {
+        (path, method)
+        for path, item in paths.items()
+        if path.startswith("/sdapi/")
+        for method in item
+    }
+    assert documented == mounted

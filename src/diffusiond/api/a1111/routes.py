@@ -177,6 +177,10 @@ class A1111Api:
         self._calls.append(running)
         try:
             await self._run(running, hung_up)
+        except BaseException:  # a failed wait, the server shutting down: nobody will read it
+            if running.job_id is not None:
+                await asyncio.shield(self._cancel(running.job_id))
+            raise
         finally:
             watcher.cancel()
             self._calls.remove(running)
