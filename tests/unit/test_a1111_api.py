@@ -15,6 +15,7 @@ import orjson
 import pytest
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from diffusiond.api.a1111.names import Checkpoint
@@ -23,6 +24,7 @@ from diffusiond.api.a1111.routes import A1111Api, a1111_app, job_request
 from diffusiond.api.a1111.shapes import Running, parse_infotext, progress_body
 from diffusiond.api.edit_fields import read_input_image
 from diffusiond.api.events import JobEvents
+from diffusiond.api.openapi import openapi_document
 from diffusiond.engine.engine import Engine
 from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import (
@@ -311,10 +313,6 @@ def test_skip_drops_the_running_iteration_and_goes_on(
 
 
 def test_the_openapi_document_lists_every_a1111_route() -> None:
-    from starlette.routing import Route
-
-    from diffusiond.api.openapi import openapi_document
-
     app = Deployed(FakeBackend(), wait_limit_s=1).app
     mounted = {
         ("/sdapi/v1" + route.path, method.lower())
