@@ -8,6 +8,7 @@ import base64
 import io
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from PIL import Image
 
 from diffusiond.testing.waits import eventually
 from tests.integration.test_editing import BLUR, HOLE, INIT, far_from_hole, hole_mask
+from tests.support.broker import deploy
 from tests.support.server import ServerProcess, poll_until, wait_first_step, wait_idle
 
 SMALL = {"prompt": "a red boat", "width": 64, "height": 64, "steps": 2, "cfg_scale": 7}
@@ -261,3 +263,30 @@ def test_png_info_reads_back_the_parameters(api: webuiapi.WebUIApi) -> None:
     bad = api.session.post(f"{api.baseurl}/png-info", json={"image": "not base64!"})
     assert bad.status_code == 400
     assert bad.json()["field"] == "image"
+
+
+def test_through_the_broker_a_call_waits_its_turn_and_runs_ordinary_jobs(
+    model_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    cluster = deploy(model_home, tmp_path_factory.mktemp("redis"), workers=1, apis=1)
+    try:
+        node = cluster.apis[0]
+        api = webuiapi.WebUIApi(baseurl=f"{node.url}/sdapi/v1")
+        with node.client() as http:
+            response = http.post(GENERATIONS, json={**LONG_A1111, "cfgScale": 7})
+            assert response.status_code == 201, response.text
+            long_id = response.json()["id"]
+            wait_first_step(http, long_id)
+            thread, outcome = run_in_thread(api.txt2img, **SMALL, seed=8, n_iter=2)
+            step = job_of(http, long_id)["progress"]["currentStep"]
+            poll_until(http, long_id, lambda body: body["progress"]["currentStep"] > step + 1)
+            assert thread.is_alive()
+            assert http.delete(f"{GENERATIONS}/{long_id}").status_code == 200
+            thread.join(timeout=120)
+            (result,) = outcome
+            assert result.info["all_seeds"] == [8, 9]
+            assert len(result.images) == 2
+            for job_id in result.info["job_ids"]:
+                assert job_of(http, job_id)["status"] == "complete"
+    finally:
+        assert cluster.stop() == []
