@@ -9,7 +9,7 @@ import io
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -26,7 +26,7 @@ from diffusiond.api.edit_fields import read_input_image
 from diffusiond.api.events import JobEvents
 from diffusiond.api.openapi import openapi_document
 from diffusiond.engine.engine import Engine
-from diffusiond.errors import InvalidRequest
+from diffusiond.errors import InvalidRequest, ServerBusy
 from diffusiond.jobs.models import (
     SAMPLERS,
     SCHEDULERS,
@@ -329,3 +329,50 @@ def test_the_openapi_document_lists_every_a1111_route() -> None:
         for method in item
     }
     assert documented == mounted
+
+
+class RefusesOnce:
+    """An engine that refuses its first submit with nothing running, as in the moment
+    between a job's last change and its slot coming back: no job change will follow."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def submit(self, request: GenerationRequest) -> Job:
+        if not self.refused:
+            self.refused += 1
+            raise ServerBusy("the slot is not back yet", retry_after_s=1)
+        return self._engine.submit(request)
+
+
+def test_a_refusal_no_job_change_follows_is_tried_again_after_retry_after() -> None:
+    registry = GenerationRegistry(ttl_ms=60_000)
+    engine = Engine(registry, FakeBackend(), max_concurrent=1, max_queue=0)
+    events = JobEvents()
+    registry.add_listener(events.on_change)
+    refusing = RefusesOnce(engine)
+    api = A1111Api(
+        registry,
+        cast(Any, refusing),
+        events,
+        max_batch=4,
+        max_pixels=1024 * 1024,
+        max_body_bytes=1024 * 1024,
+        wait_limit_s=30,
+    )
+    engine.start()
+    engine.load_model()
+    try:
+        with TestClient(a1111_app(api), base_url="http://localhost") as client:
+            started = time.monotonic()
+            answer = client.post("/txt2img", json=SMALL)
+            assert answer.status_code == 200, answer.text
+            assert 1 <= time.monotonic() - started < 10
+            assert refusing.refused == 1
+            events.close()
+    finally:
+        engine.shutdown()

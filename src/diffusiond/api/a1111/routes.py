@@ -213,7 +213,13 @@ class A1111Api:
 
     async def _admit(self, request: GenerationRequest, hung_up: asyncio.Event) -> Job | None:
         """The submitted job once a worker (or queue place) is free; None if the caller hung
-        up first; a 503 after `wait_limit_s` seconds of waiting."""
+        up first; a 503 after `wait_limit_s` seconds of waiting.
+
+        A job's change of status wakes the wait. A slot is given back a moment after its
+        job's last change, though (a broker's worker ends its queue entry after recording
+        the result), so a refusal in that moment would wait for a change that never comes:
+        the wait also ends after the Retry-After the engine answered with (1 to 60 s).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_limit_s
         with self._events.subscribe(_ADMISSION) as changed:
@@ -228,7 +234,8 @@ class A1111Api:
                             f"no worker came free in {self._wait_limit_s:g} s: {busy.message}",
                             retry_after_s=busy.retry_after_s,
                         ) from None
-                await first_of(changed, hung_up, timeout=left)
+                    recheck_s = min(left, max(1, busy.retry_after_s))
+                await first_of(changed, hung_up, timeout=recheck_s)
                 if hung_up.is_set():
                     return None
 
