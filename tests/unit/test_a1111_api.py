@@ -9,6 +9,7 @@ import io
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import orjson
@@ -258,10 +259,10 @@ class Deployed:
         self.app: Starlette = a1111_app(api)
 
 
-@pytest.fixture
-def gated() -> Iterator[tuple[Deployed, GatedBackend, TestClient]]:
+@contextmanager
+def serving(wait_limit_s: float) -> Iterator[tuple[Deployed, GatedBackend, TestClient]]:
     backend = GatedBackend()
-    deployed = Deployed(backend, wait_limit_s=0.5)
+    deployed = Deployed(backend, wait_limit_s=wait_limit_s)
     deployed.engine.start()
     deployed.engine.load_model()
     try:
@@ -271,6 +272,12 @@ def gated() -> Iterator[tuple[Deployed, GatedBackend, TestClient]]:
             deployed.events.close()
     finally:
         deployed.engine.shutdown()
+
+
+@pytest.fixture
+def gated() -> Iterator[tuple[Deployed, GatedBackend, TestClient]]:
+    with serving(wait_limit_s=0.5) as running:
+        yield running
 
 
 def test_past_the_wait_limit_a_busy_server_is_a_503_with_retry_after(
@@ -376,3 +383,22 @@ def test_a_refusal_no_job_change_follows_is_tried_again_after_retry_after() -> N
             events.close()
     finally:
         engine.shutdown()
+
+
+def test_interrupt_stops_a_call_still_waiting_for_a_worker() -> None:
+    with serving(wait_limit_s=30) as (deployed, _backend, client):
+        held = deployed.engine.submit(GenerationRequest(prompt="holds the worker", steps=5))
+        answers: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: answers.append(client.post("/txt2img", json=SMALL))
+        )
+        thread.start()
+        eventually(lambda: client.get("/progress").json()["state"]["job_count"] == 1)
+        assert client.post("/interrupt").json() == {}
+        thread.join(timeout=10)
+        (answer,) = answers
+        assert answer.status_code == 200
+        info = orjson.loads(answer.json()["info"])
+        assert (answer.json()["images"], info["job_ids"], info["interrupted"]) == ([], [], True)
+        assert deployed.registry.get(held.id).status is JobStatus.IN_PROGRESS  # not the API's
+        deployed.engine.cancel(held.id)

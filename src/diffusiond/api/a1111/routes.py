@@ -172,11 +172,10 @@ class A1111Api:
         # Images take milliseconds to check: off the event loop, like the native POST.
         generation = await asyncio.to_thread(lambda: parse(load_body(body)))
         running = Running(generation, started_s=time.monotonic())
-        hung_up = asyncio.Event()
-        watcher = asyncio.ensure_future(watch_hang_up(request.receive, hung_up))
+        watcher = asyncio.ensure_future(watch_hang_up(request.receive, running.hang_up))
         self._calls.append(running)
         try:
-            await self._run(running, hung_up)
+            await self._run(running)
         except BaseException:  # a failed wait, the server shutting down: nobody will read it
             if running.job_id is not None:
                 await asyncio.shield(self._cancel(running.job_id))
@@ -184,23 +183,23 @@ class A1111Api:
         finally:
             watcher.cancel()
             self._calls.remove(running)
-        if hung_up.is_set():
+        if running.hung_up:
             return Response(status_code=499)  # nobody reads it
         return answer(await asyncio.to_thread(generation_body, running))
 
-    async def _run(self, running: Running, hung_up: asyncio.Event) -> None:
+    async def _run(self, running: Running) -> None:
         generation = running.generation
         for iteration in range(generation.n_iter):
-            if running.interrupted:
+            if running.stop.is_set():
                 return
-            running.iteration, running.skipped = iteration, False
-            job = await self._admit(job_request(generation, iteration), hung_up)
+            running.iteration, running.skipped, running.job_id = iteration, False, None
+            job = await self._admit(job_request(generation, iteration), running.stop)
             if job is None:
                 return
             running.job_id = job.id
             running.job_ids.append(job.id)
-            job = await self._until_terminal(job.id, hung_up)
-            if hung_up.is_set():
+            job = await self._until_terminal(job.id, running.stop)
+            if not job.status.is_terminal():  # hung up, or interrupted as it was admitted
                 await self._cancel(job.id)
                 return
             if job.status is JobStatus.ERROR:
@@ -210,10 +209,11 @@ class A1111Api:
                 running.finished.append(job)
             elif not running.skipped:  # cancelled by someone else: as an interrupt
                 running.interrupted = True
+                return
 
-    async def _admit(self, request: GenerationRequest, hung_up: asyncio.Event) -> Job | None:
-        """The submitted job once a worker (or queue place) is free; None if the caller hung
-        up first; a 503 after `wait_limit_s` seconds of waiting.
+    async def _admit(self, request: GenerationRequest, stop: asyncio.Event) -> Job | None:
+        """The submitted job once a worker (or queue place) is free; None if the call was
+        stopped first (hung up, interrupted); a 503 after `wait_limit_s` seconds of waiting.
 
         A job's change of status wakes the wait. A slot is given back a moment after its
         job's last change, though (a broker's worker ends its queue entry after recording
@@ -235,18 +235,19 @@ class A1111Api:
                             retry_after_s=busy.retry_after_s,
                         ) from None
                     recheck_s = min(left, max(1, busy.retry_after_s))
-                await first_of(changed, hung_up, timeout=recheck_s)
-                if hung_up.is_set():
+                await first_of(changed, stop, timeout=recheck_s)
+                if stop.is_set():
                     return None
 
-    async def _until_terminal(self, job_id: str, hung_up: asyncio.Event) -> Job:
+    async def _until_terminal(self, job_id: str, stop: asyncio.Event) -> Job:
+        """The job once terminal, or as it is when the call is stopped or the server closes."""
         with self._events.subscribe(job_id) as changed:
             while True:
                 changed.clear()
                 job = await self._offload(self._registry.get, job_id)
-                if job.status.is_terminal() or hung_up.is_set() or self._events.closed:
+                if job.status.is_terminal() or stop.is_set() or self._events.closed:
                     return job
-                await first_of(changed, hung_up)
+                await first_of(changed, stop)
 
     async def _cancel(self, job_id: str) -> None:
         with suppress(AlreadyTerminal, NotFound):
@@ -274,6 +275,7 @@ class A1111Api:
         running = self._followed()
         if running is not None:
             running.interrupted = True
+            running.stop.set()
             if running.job_id is not None:
                 await self._cancel(running.job_id)
         return answer({})

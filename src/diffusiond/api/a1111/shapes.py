@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import time
@@ -35,6 +36,12 @@ class Running:
     finished: list[Job] = field(default_factory=list)  # complete jobs, in order
     interrupted: bool = False
     skipped: bool = False
+    hung_up: bool = False
+    stop: asyncio.Event = field(default_factory=asyncio.Event)  # hung up or interrupted
+
+    def hang_up(self) -> None:
+        self.hung_up = True
+        self.stop.set()
 
 
 def _schedule_label(scheduler: str) -> str:

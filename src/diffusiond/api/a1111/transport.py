@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -99,9 +100,9 @@ async def first_of(*events: asyncio.Event, timeout: float | None = None) -> None
             wait.cancel()
 
 
-async def watch_hang_up(receive: Receive, hung_up: asyncio.Event) -> None:
-    """Sets `hung_up` when the client disconnects (the body has been read: the server's
+async def watch_hang_up(receive: Receive, on_hang_up: Callable[[], None]) -> None:
+    """Calls `on_hang_up` when the client disconnects (the body has been read: the server's
     next message is the disconnect)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    hung_up.set()
+    on_hang_up()
