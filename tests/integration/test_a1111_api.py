@@ -219,6 +219,8 @@ def test_models_samplers_schedulers_and_options(api: webuiapi.WebUIApi) -> None:
     assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC", "LCM", "Heun"} <= set(samplers)
     assert "automatic" in api.util_get_scheduler_names()
     assert api.get_upscalers() == []
+    assert api.get_sd_vae() == []
+    assert api.get_scripts() == {"txt2img": [], "img2img": []}
     assert isinstance(api.get_loras(), list)
     result = api.txt2img(
         **SMALL,

@@ -160,6 +160,12 @@ def a1111_paths() -> dict[str, Any]:
         "/schedulers": _get("a1111Schedulers", _LIST, "name, label"),
         "/loras": _get("a1111Loras", _LIST, "name, alias, path"),
         "/upscalers": _get("a1111Upscalers", _LIST, "always empty"),
+        "/sd-vae": _get("a1111SdVae", _LIST, "always empty: each model's own VAE is used"),
+        "/scripts": _get(
+            "a1111Scripts",
+            {"type": "object", "properties": {"txt2img": _LIST, "img2img": _LIST}},
+            "always {txt2img: [], img2img: []}",
+        ),
         "/options": {
             **_get("a1111Options", options, "the settings this API knows"),
             "post": {

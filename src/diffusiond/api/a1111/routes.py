@@ -302,8 +302,12 @@ class A1111Api:
         names = await asyncio.to_thread(self._loras)
         return answer([{"name": n, "alias": n, "path": n, "metadata": {}} for n in names])
 
-    async def upscalers(self, _request: Request) -> Response:
+    async def empty_list(self, _request: Request) -> Response:
+        """/upscalers, /sd-vae: nothing of the kind here."""
         return answer([])
+
+    async def scripts(self, _request: Request) -> Response:
+        return answer({"txt2img": [], "img2img": []})
 
     async def options(self, request: Request) -> Response:
         if request.method == "POST":
@@ -352,7 +356,9 @@ def a1111_app(api: A1111Api) -> Starlette:
         ("/samplers", api.samplers, get),
         ("/schedulers", api.schedulers, get),
         ("/loras", api.loras, get),
-        ("/upscalers", api.upscalers, get),
+        ("/upscalers", api.empty_list, get),
+        ("/sd-vae", api.empty_list, get),
+        ("/scripts", api.scripts, get),
         ("/options", api.options, ["GET", "POST"]),
         ("/png-info", api.png_info, post),
     ]
