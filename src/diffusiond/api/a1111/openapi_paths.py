@@ -134,9 +134,57 @@ _PROGRESS = {
 }
 
 
+def _options_item() -> dict[str, Any]:
+    options = {"type": "object", "properties": {"sd_model_checkpoint": {"type": "string"}}}
+    return {
+        **_get("a1111Options", options, "the settings this API knows"),
+        "post": {
+            "operationId": "a1111SetOptions",
+            "requestBody": {"content": {"application/json": {"schema": options}}},
+            "responses": {
+                "200": _json({"type": "null"}, "set"),
+                **_errors("400", "413"),
+            },
+        },
+    }
+
+
+def _png_info_item() -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": "a1111PngInfo",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image"],
+                            "properties": {"image": {"type": "string"}},
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "info": {"type": "string"},
+                            "items": {"type": "object"},
+                            "parameters": {"type": "object"},
+                        },
+                    },
+                    "the image's parameters text, parsed",
+                ),
+                **_errors("400", "413"),
+            },
+        }
+    }
+
+
 def a1111_paths() -> dict[str, Any]:
     """The AUTOMATIC1111 operations, keyed by their full paths."""
-    options = {"type": "object", "properties": {"sd_model_checkpoint": {"type": "string"}}}
     paths: dict[str, Any] = {
         "/txt2img": _generate("a1111Txt2img", img2img=False),
         "/img2img": _generate("a1111Img2img", img2img=True),
@@ -166,47 +214,7 @@ def a1111_paths() -> dict[str, Any]:
             {"type": "object", "properties": {"txt2img": _LIST, "img2img": _LIST}},
             "always {txt2img: [], img2img: []}",
         ),
-        "/options": {
-            **_get("a1111Options", options, "the settings this API knows"),
-            "post": {
-                "operationId": "a1111SetOptions",
-                "requestBody": {"content": {"application/json": {"schema": options}}},
-                "responses": {
-                    "200": _json({"type": "null"}, "set"),
-                    **_errors("400", "413"),
-                },
-            },
-        },
-        "/png-info": {
-            "post": {
-                "operationId": "a1111PngInfo",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["image"],
-                                "properties": {"image": {"type": "string"}},
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "properties": {
-                                "info": {"type": "string"},
-                                "items": {"type": "object"},
-                                "parameters": {"type": "object"},
-                            },
-                        },
-                        "the image's parameters text, parsed",
-                    ),
-                    **_errors("400", "413"),
-                },
-            }
-        },
+        "/options": _options_item(),
+        "/png-info": _png_info_item(),
     }
     return {PREFIX + path: item for path, item in paths.items()}
