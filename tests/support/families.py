@@ -146,8 +146,8 @@ def _vae(latent_channels: int, vae_class: Any = None) -> Any:
 
 
 def _flux1() -> Any:
-    from diffusers import FluxPipeline, FluxTransformer2DModel
     from diffusers import FlowMatchEulerDiscreteScheduler as Scheduler
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -199,8 +199,8 @@ def _flux2() -> Any:
 
 
 def _sd3() -> Any:
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     from diffusers import FlowMatchEulerDiscreteScheduler as Scheduler
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     transformer = SD3Transformer2DModel(
         sample_size=64,
@@ -230,8 +230,8 @@ def _sd3() -> Any:
 
 def _zimage() -> Any:
     import torch
-    from diffusers import ZImagePipeline, ZImageTransformer2DModel
     from diffusers import FlowMatchEulerDiscreteScheduler as Scheduler
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
 
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,),
