@@ -13,6 +13,7 @@ last step.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import threading
@@ -58,14 +59,28 @@ class UnsupportedRequest(ValueError):
     """A request this family cannot draw (a sampler, a negative prompt, a size, an edit)."""
 
 
-def make_flow_scheduler(sampler: str, base_config: Any) -> Any:
-    """A fresh scheduler for `sampler`, built from the model's flow-matching scheduler config."""
+def make_flow_scheduler(sampler: str, base_config: Any, generator: torch.Generator) -> Any:
+    """A fresh scheduler for `sampler`, built from the model's flow-matching scheduler config.
+
+    The stochastic ones (euler_a, lcm) draw fresh noise every step, from the generator
+    their `step` is given; the pipelines give none (torch's global one would be used, and
+    a seed would not reproduce), so this request's own generator is bound to it.
+    """
     choice = FLOW_SAMPLERS[sampler]
     config = dict(base_config)
     overrides = dict(choice.overrides)
     if choice.uses_flow_shift:
         overrides["flow_shift"] = float(config.get("shift", 1.0))
-    return getattr(diffusers, choice.scheduler_class).from_config(config, **overrides)
+    scheduler = getattr(diffusers, choice.scheduler_class).from_config(config, **overrides)
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        step = scheduler.step
+
+        def seeded_step(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("generator", generator)
+            return step(*args, **kwargs)
+
+        scheduler.step = seeded_step
+    return scheduler
 
 
 def unpack_latents(latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -195,12 +210,12 @@ class FlowBackend:
         prepare_thread(self._thread_state, self._torch_threads)
         on_stage(Stage.LOADING, 0, 1)
         edit = prepare_edit(spec, inpainting_unet=False)
-        pipeline = self._pipeline_for(spec.sampler, edit)
+        # The noise is drawn on the CPU so that a seed gives the same picture on any device.
+        generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+        pipeline = self._pipeline_for(spec.sampler, edit, generator)
         total = edit.steps_run if edit is not None else spec.steps
         self._report_encoding(pipeline, on_stage, should_cancel, total)
         callback = _StepReporter(spec, total, on_stage, should_cancel, on_preview)
-        # The noise is drawn on the CPU so that a seed gives the same picture on any device.
-        generator = torch.Generator(device="cpu").manual_seed(spec.seed)
         with torch.inference_mode():
             image: Image = pipeline(
                 prompt=spec.prompt,
@@ -216,13 +231,15 @@ class FlowBackend:
         on_stage(Stage.DECODING, 1, 1)
         return image
 
-    def _pipeline_for(self, sampler: str, edit: PreparedEdit | None) -> Any:
+    def _pipeline_for(
+        self, sampler: str, edit: PreparedEdit | None, generator: torch.Generator
+    ) -> Any:
         """A pipeline for this request over the loaded modules, with its own scheduler."""
         base = self._pipeline
         class_name = self._family.pipeline
         if edit is not None:
             class_name = str(edit_pipeline_name(self._family, inpaint=edit.mask is not None))
-        scheduler = make_flow_scheduler(sampler, base.scheduler.config)
+        scheduler = make_flow_scheduler(sampler, base.scheduler.config, generator)
         pipeline = getattr(diffusers, class_name).from_pipe(base, scheduler=scheduler)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
