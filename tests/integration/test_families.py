@@ -27,9 +27,11 @@ LONG = {"prompt": "a long job", "width": 1024, "height": 1024, "steps": 150, "se
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_server(request: pytest.FixtureRequest, model_home: Path) -> Iterator[ServerProcess]:
-    """A server on one family's tiny model; one family's tests run at a time."""
+    """A server on one family's tiny model; one family's tests run at a time. One torch
+    thread: these models' steps are tiny operations, which a second thread on a busy
+    machine slows more than it helps (15x in a measured FLUX.2 job)."""
     folder = tiny_family_folder(model_home, request.param)
-    server = start_server(model_home, "--model", str(folder))
+    server = start_server(model_home, "--model", str(folder), "--torch-threads", "1")
     yield server
     assert server.stop() == 0, server.text()
 
