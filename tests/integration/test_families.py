@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ def test_a_job_runs_through_progress_and_previews(family_client: httpx.Client) -
     job, seen = run(family_client, {**SMALL, "seed": 1, "previewEvery": 1})
     picture = Image.open(io.BytesIO(first_png(job)))
     assert picture.size == (64, 64)
+    recipe = json.loads(picture.text["diffusiond"])  # type: ignore[attr-defined]
+    assert recipe["architecture"] == health["architecture"]
     diffusing = [
         body["progress"]
         for body in seen
