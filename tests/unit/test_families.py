@@ -67,7 +67,7 @@ def test_cfg_scale_means_each_familys_guidance() -> None:
 def test_what_a_family_cannot_draw_is_refused_naming_it(
     family: str, change: dict[str, object], words: list[str]
 ) -> None:
-    spec = ImageSpec(**{**SPEC.__dict__, **change})  # type: ignore[arg-type]
+    spec = ImageSpec(**{**SPEC.__dict__, **change})
     with pytest.raises(UnsupportedRequest) as raised:
         check_request(FAMILIES[family], spec)
     for word in words:
