@@ -31,7 +31,7 @@ class SchedulerChoice:
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
-SCHEDULERS: Mapping[str, SchedulerChoice] = {
+SAMPLER_CLASSES: Mapping[str, SchedulerChoice] = {
     "euler_a": SchedulerChoice(EulerAncestralDiscreteScheduler),
     "euler": SchedulerChoice(EulerDiscreteScheduler),
     "heun": SchedulerChoice(HeunDiscreteScheduler),
@@ -51,10 +51,10 @@ SCHEDULERS: Mapping[str, SchedulerChoice] = {
     "unipc": SchedulerChoice(UniPCMultistepScheduler),
 }
 
-assert tuple(SCHEDULERS) == SAMPLERS, "the scheduler table must cover every API sampler"
+assert tuple(SAMPLER_CLASSES) == SAMPLERS, "the scheduler table must cover every API sampler"
 
 
 def make_scheduler(sampler: str, base_config: Mapping[str, Any]) -> Any:
     """A fresh scheduler for `sampler`, built from the model's scheduler config."""
-    choice = SCHEDULERS[sampler]
+    choice = SAMPLER_CLASSES[sampler]
     return choice.scheduler_class.from_config(dict(base_config), **choice.overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -69,6 +69,10 @@ class AsyncClient:
         mask_image: ImageInput | None = None,
         strength: float | None = None,
         mask_blur: int | None = None,
+        model: str | None = None,
+        loras: Sequence[tuple[str, float] | Mapping[str, Any]] | None = None,
+        scheduler: str | None = None,
+        clip_skip: int | None = None,
         on_progress: proto.ProgressCallback | None = None,
         timeout: float | None = None,
     ) -> list[GeneratedImage]:
@@ -87,6 +91,10 @@ class AsyncClient:
             mask_image=mask_image,
             strength=strength,
             mask_blur=mask_blur,
+            model=model,
+            loras=loras,
+            scheduler=scheduler,
+            clip_skip=clip_skip,
         )
         done = await self.wait(generation.id, on_progress=on_progress, timeout=timeout)
         return list(done.images)

@@ -133,11 +133,16 @@ def image_recipe(spec: ImageSpec, model: str, architecture: str = "unknown") -> 
         "cfgScale": spec.cfg_scale,
         "seed": spec.seed,
         "sampler": spec.sampler,
+        "scheduler": spec.scheduler,
         "model": model,
         "architecture": architecture,
         "version": __version__,
         "mode": "txt2img",
     }
+    if spec.clip_skip is not None:
+        recipe["clipSkip"] = spec.clip_skip
+    if spec.loras:
+        recipe["loras"] = [{"name": lora.name, "weight": lora.weight} for lora in spec.loras]
     edit = spec.edit
     if edit is not None:
         recipe |= {
@@ -229,6 +234,10 @@ def run_batch(
             sampler=request.sampler,
             preview_every=request.preview_every,
             edit=request.edit,
+            model=request.model,
+            loras=request.loras,
+            scheduler=request.scheduler,
+            clip_skip=request.clip_skip,
         )
         try:
             if should_cancel():
