@@ -26,7 +26,7 @@ from diffusiond.backends.flow_backend import (
     unpack_latents,
 )
 from diffusiond.errors import ModelLoadError
-from diffusiond.jobs.models import SAMPLERS, EditInputs, InputImage
+from diffusiond.jobs.models import SAMPLERS, EditInputs, InputImage, LoraWeight
 from diffusiond.settings import load_settings
 
 SPEC = ImageSpec(
@@ -62,6 +62,9 @@ def test_cfg_scale_means_each_familys_guidance() -> None:
         ("zimage", {"sampler": "unipc"}, ["'unipc'", "euler, euler_a, lcm"]),
         ("flux1", {"negative_prompt": "x"}, ["negativePrompt"]),
         ("sd3", {"width": 72}, ["multiples of 16", "72x64"]),
+        ("sd3", {"scheduler": "karras"}, ["'karras'", "'discrete'"]),
+        ("chroma", {"clip_skip": 2}, ["clipSkip"]),
+        ("flux2", {"loras": (LoraWeight("style", 1.0),)}, ["loras", "FLUX.2 klein"]),
     ],
 )
 def test_what_a_family_cannot_draw_is_refused_naming_it(

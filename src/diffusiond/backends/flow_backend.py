@@ -123,6 +123,20 @@ def check_request(family: Family, spec: ImageSpec) -> None:
         if edit_pipeline_name(family, inpaint=inpaint) is None:
             mode = "inpainting" if inpaint else "image-to-image"
             raise UnsupportedRequest(f"{mode} is not available for {family.title} in diffusers")
+    _check_not_yet_supported(family, spec)
+
+
+def _check_not_yet_supported(family: Family, spec: ImageSpec) -> None:
+    """What the SD backend does that this one does not (yet) do for a family."""
+    if spec.scheduler != "discrete":
+        # A flow model's sigma schedule is its own (shifted by the image size).
+        raise UnsupportedRequest(
+            f"scheduler {spec.scheduler!r}: {family.title} runs only 'discrete', its own schedule"
+        )
+    if spec.loras:
+        raise UnsupportedRequest(f"loras: LoRAs are not supported on {family.title} yet")
+    if spec.clip_skip not in (None, 1):
+        raise UnsupportedRequest(f"clipSkip: {family.title} takes no clip skip")
 
 
 class FlowBackend:
