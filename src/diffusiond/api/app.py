@@ -19,6 +19,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from diffusiond.api import errors
+from diffusiond.api.a1111.routes import a1111_mount
 from diffusiond.api.bodies import RenderedBodies
 from diffusiond.api.events import JobEvents, JobFeed, last_event_id, wait_preference
 from diffusiond.api.health import check_ready, health_body
@@ -341,6 +342,14 @@ def create_app(
         Route("/v1/loras", endpoints.loras, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
+        a1111_mount(  # /sdapi/v1: docs/API.md
+            registry,
+            engine,
+            events,
+            max_batch=config.max_batch,
+            max_pixels=config.max_pixels,
+            max_body_bytes=config.max_body_bytes,
+        ),
         *web_routes(),
     ]
     # Outermost: a request for a foreign Host or from a foreign Origin goes no further.
