@@ -140,7 +140,7 @@ class PipelineLoras:
     def _adapter(self, name: str, keep: set[str]) -> str:
         entry = self._catalog.find(name)
         if entry is None:
-            raise LoraLoadError(f"there is no LoRA named {name!r} in this worker's LoRA folder")
+            raise LoraLoadError(f"there is no LoRA named {name!r} in the LoRA folder")
         architecture = self._architecture()
         if "unknown" not in (architecture, entry.architecture) and (
             entry.architecture != architecture
