@@ -22,7 +22,13 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from diffusiond.backends.k_samplers import (
+    ERSDEScheduler,
+    EulerAncestralCFGPPScheduler,
+    EulerCFGPPScheduler,
+)
 from diffusiond.jobs.models import SAMPLERS
+from diffusiond.sampling import schedule_overrides
 
 
 @dataclass(frozen=True)
@@ -49,12 +55,20 @@ SAMPLER_CLASSES: Mapping[str, SchedulerChoice] = {
     "lcm": SchedulerChoice(LCMScheduler),
     "ddim": SchedulerChoice(DDIMScheduler),
     "unipc": SchedulerChoice(UniPCMultistepScheduler),
+    # The seed system's three (k_samplers.py): sigma-space samplers on Euler's schedule.
+    "er_sde": SchedulerChoice(ERSDEScheduler),
+    "euler_cfg_pp": SchedulerChoice(EulerCFGPPScheduler),
+    "euler_a_cfg_pp": SchedulerChoice(EulerAncestralCFGPPScheduler),
 }
 
 assert tuple(SAMPLER_CLASSES) == SAMPLERS, "the scheduler table must cover every API sampler"
 
 
-def make_scheduler(sampler: str, base_config: Mapping[str, Any]) -> Any:
-    """A fresh scheduler for `sampler`, built from the model's scheduler config."""
+def make_scheduler(
+    sampler: str, base_config: Mapping[str, Any], scheduler: str = "discrete"
+) -> Any:
+    """A fresh scheduler for `sampler` on the `scheduler` noise schedule, built from the
+    model's scheduler config (sampling.py says which pairs can run)."""
     choice = SAMPLER_CLASSES[sampler]
-    return choice.scheduler_class.from_config(dict(base_config), **choice.overrides)
+    options = {**choice.overrides, **schedule_overrides(sampler, scheduler)}
+    return choice.scheduler_class.from_config(dict(base_config), **options)
