@@ -12,9 +12,11 @@ from typing import Any
 from diffusiond.jobs.models import SAMPLERS, SCHEDULERS
 
 # Samplers whose diffusers scheduler takes `use_karras_sigmas` / `use_exponential_sigmas`
-# (the k-samplers of k_samplers.py inherit both from EulerDiscreteScheduler).
+# (the k-samplers of k_samplers.py inherit both from EulerDiscreteScheduler; euler_a runs as
+# one of them on these schedules, see backends/samplers.py).
 SIGMA_SCHEDULE_SAMPLERS = frozenset(
     {
+        "euler_a",
         "euler",
         "heun",
         "dpm2",
@@ -48,15 +50,19 @@ SPACING_SAMPLERS = frozenset(
 
 # scheduler -> (the samplers that can run it, the diffusers config options that do it)
 _SIGMAS_OFF = {"use_karras_sigmas": False, "use_exponential_sigmas": False}
+# Karras and exponential sigmas span the model's whole sigma range (Karras et al. 2022, as
+# stable-diffusion.cpp): Euler-like diffusers classes take the range from the spaced
+# timesteps, which "leading" spacing (SD 1.5's config) cuts short, so linspace is set.
+_FULL_RANGE = {"timestep_spacing": "linspace"}
 SCHEDULE_TABLE: Mapping[str, tuple[frozenset[str], Mapping[str, Any]]] = {
     "discrete": (frozenset(SAMPLERS), {}),
     "karras": (
         SIGMA_SCHEDULE_SAMPLERS,
-        {"use_karras_sigmas": True, "use_exponential_sigmas": False},
+        {"use_karras_sigmas": True, "use_exponential_sigmas": False, **_FULL_RANGE},
     ),
     "exponential": (
         SIGMA_SCHEDULE_SAMPLERS,
-        {"use_exponential_sigmas": True, "use_karras_sigmas": False},
+        {"use_exponential_sigmas": True, "use_karras_sigmas": False, **_FULL_RANGE},
     ),
     # Both are uniform in timesteps from the last one (999) down, without reaching 0:
     # sgm_uniform takes t_i = 999 - 999 i/n, simple t_i = 999 - floor(1000 i/n), diffusers'
@@ -90,11 +96,7 @@ def schedule_overrides(sampler: str, scheduler: str) -> dict[str, Any]:
     problem = schedule_problem(sampler, scheduler)
     if problem is not None:
         raise ValueError(problem)
-    options = dict(SCHEDULE_TABLE[scheduler][1])
-    if sampler not in SIGMA_SCHEDULE_SAMPLERS:
-        # Classes without the sigma options would only warn about them.
-        options = {key: value for key, value in options.items() if not key.startswith("use_")}
-    return options
+    return dict(SCHEDULE_TABLE[scheduler][1])
 
 
 def samplers_body() -> dict[str, list[str]]:

@@ -91,6 +91,10 @@ class SigmaSpaceScheduler(EulerDiscreteScheduler):  # type: ignore[misc]
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def direction(self, x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
+        """The ODE's direction dx/dsigma = (x - x0) / sigma."""
+        return (x - denoised) / sigma
+
     @staticmethod
     def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         noise: torch.Tensor = randn_tensor(
@@ -175,21 +179,25 @@ class ERSDEScheduler(SigmaSpaceScheduler):
         self._previous = [*self._previous[-(ER_SDE_MAX_STAGE - 2) :], (lam, denoised)]
 
 
-class EulerCFGPPScheduler(SigmaSpaceScheduler):
-    """Euler CFG++: x_next = x0_guided + sigma_next * (x - x0_uncond) / sigma.
+class CFGPPScheduler(SigmaSpaceScheduler):
+    """CFG++'s renoising direction, (x - x0_uncond) / sigma, for a step whose x0 is the
+    guided one.
 
     `unconditional_output` holds the UNet's unconditional output for the coming step (set by
-    `unconditional_capture`); without it (no guidance) the step is plain Euler's.
+    `unconditional_capture`); without it (no guidance) the direction is the plain one.
     """
 
     unconditional_output: torch.Tensor | None = None
 
     def direction(self, x: torch.Tensor, sigma: float, guided: torch.Tensor) -> torch.Tensor:
-        """(x - x0_uncond) / sigma, the renoising direction."""
         raw = self.unconditional_output
         self.unconditional_output = None
         unconditional = guided if raw is None else self.denoised(raw.to(torch.float32), x, sigma)
         return (x - unconditional) / sigma
+
+
+class EulerCFGPPScheduler(CFGPPScheduler):
+    """Euler CFG++: x_next = x0_guided + sigma_next * (x - x0_uncond) / sigma."""
 
     def advance(
         self,
@@ -210,9 +218,11 @@ def ancestral_step(sigma: float, sigma_next: float) -> tuple[float, float]:
     return math.sqrt(max(sigma_next**2 - up**2, 0.0)), up
 
 
-class EulerAncestralCFGPPScheduler(EulerCFGPPScheduler):
-    """Euler ancestral CFG++: down to sigma_down along the unconditional direction from the
-    guided x0, then fresh noise of sigma_up."""
+class EulerAncestralScheduler(SigmaSpaceScheduler):
+    """Euler ancestral (k-diffusion's `sample_euler_ancestral`, eta 1): down to sigma_down
+    along the direction, then fresh noise of sigma_up. The same step as diffusers'
+    EulerAncestralDiscreteScheduler, but on Euler's schedule options (Karras, exponential),
+    which that class lacks."""
 
     def advance(
         self,
@@ -229,6 +239,10 @@ class EulerAncestralCFGPPScheduler(EulerCFGPPScheduler):
         return x
 
 
+class EulerAncestralCFGPPScheduler(CFGPPScheduler, EulerAncestralScheduler):
+    """Euler ancestral CFG++: the ancestral step along CFG++'s unconditional direction."""
+
+
 @contextmanager
 def unconditional_capture(pipeline: Any) -> Iterator[None]:
     """While the block runs, hand a CFG++ scheduler the unconditional half of each UNet
@@ -238,7 +252,7 @@ def unconditional_capture(pipeline: Any) -> Iterator[None]:
     ignores calls from other threads (another job on the same model).
     """
     scheduler = pipeline.scheduler
-    if not isinstance(scheduler, EulerCFGPPScheduler):
+    if not isinstance(scheduler, CFGPPScheduler):
         yield
         return
     thread = threading.get_ident()

@@ -6,6 +6,7 @@ never mutated on a shared pipeline.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from diffusers import (
 from diffusiond.backends.k_samplers import (
     ERSDEScheduler,
     EulerAncestralCFGPPScheduler,
+    EulerAncestralScheduler,
     EulerCFGPPScheduler,
 )
 from diffusiond.jobs.models import SAMPLERS
@@ -61,6 +63,13 @@ SAMPLER_CLASSES: Mapping[str, SchedulerChoice] = {
     "euler_a_cfg_pp": SchedulerChoice(EulerAncestralCFGPPScheduler),
 }
 
+# diffusers' EulerAncestralDiscreteScheduler has no Karras or exponential sigmas: for those
+# schedules euler_a runs as the same step on Euler's schedule (k_samplers.py).
+SIGMA_SCHEDULE_CLASSES: Mapping[str, SchedulerChoice] = {
+    "euler_a": SchedulerChoice(EulerAncestralScheduler),
+}
+SIGMA_SCHEDULES = frozenset({"karras", "exponential"})
+
 assert tuple(SAMPLER_CLASSES) == SAMPLERS, "the scheduler table must cover every API sampler"
 
 
@@ -70,5 +79,10 @@ def make_scheduler(
     """A fresh scheduler for `sampler` on the `scheduler` noise schedule, built from the
     model's scheduler config (sampling.py says which pairs can run)."""
     choice = SAMPLER_CLASSES[sampler]
-    options = {**choice.overrides, **schedule_overrides(sampler, scheduler)}
+    if scheduler in SIGMA_SCHEDULES:
+        choice = SIGMA_SCHEDULE_CLASSES.get(sampler, choice)
+    # The schedule's options the class takes (others it would only warn about).
+    known = inspect.signature(choice.scheduler_class.__init__).parameters
+    schedule = {k: v for k, v in schedule_overrides(sampler, scheduler).items() if k in known}
+    options = {**choice.overrides, **schedule}
     return choice.scheduler_class.from_config(dict(base_config), **options)
