@@ -49,7 +49,7 @@ def sample(scheduler: Any, denoiser: Denoiser, steps: int = 6, seed: int = 0) ->
     """The diffusers loop of a pipeline, with the denoiser in place of the UNet."""
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(SHAPE, generator=generator) * scheduler.init_noise_sigma
+    x: torch.Tensor = torch.randn(SHAPE, generator=generator) * scheduler.init_noise_sigma
     for timestep in scheduler.timesteps:
         scheduler.scale_model_input(x, timestep)
         sigma = float(scheduler.sigmas[scheduler.step_index or 0])
@@ -57,7 +57,7 @@ def sample(scheduler: Any, denoiser: Denoiser, steps: int = 6, seed: int = 0) ->
     return x
 
 
-@pytest.mark.parametrize("sampler", ("euler", *NEW_SAMPLERS))
+@pytest.mark.parametrize("sampler", ["euler", *NEW_SAMPLERS])
 @pytest.mark.parametrize("schedule", ["discrete", "karras"])
 def test_a_fixed_x0_is_reached(sampler: str, schedule: str) -> None:
     made = make_scheduler(sampler, CONFIG, schedule)
