@@ -99,6 +99,26 @@ def schedule_overrides(sampler: str, scheduler: str) -> dict[str, Any]:
     return dict(SCHEDULE_TABLE[scheduler][1])
 
 
+CFG_PP_SAMPLERS = frozenset({"euler_cfg_pp", "euler_a_cfg_pp"})
+# Any scale above 1 makes diffusers run the unconditional pass; a CFG++ scheduler then mixes
+# the two predictions with the request's own scale (k_samplers.CFGPPScheduler).
+GUIDANCE_SWITCH = 2.0
+
+
+def runs_unconditional(sampler: str, cfg_scale: float) -> bool:
+    """Whether a request needs the unconditional prediction: diffusers guides above 1; the
+    CFG++ samplers, as stable-diffusion.cpp, at every scale but 1 (the paper's lambda is in
+    0..1)."""
+    return cfg_scale != 1 if sampler in CFG_PP_SAMPLERS else cfg_scale > 1
+
+
+def pipeline_guidance(sampler: str, cfg_scale: float) -> float:
+    """The guidance_scale to call a diffusers pipeline with for this request."""
+    if sampler in CFG_PP_SAMPLERS and cfg_scale < 1:
+        return GUIDANCE_SWITCH
+    return cfg_scale
+
+
 def samplers_body() -> dict[str, list[str]]:
     """GET /v1/samplers: the sampler and scheduler names a request may give."""
     return {"samplers": list(SAMPLERS), "schedulers": list(SCHEDULERS)}

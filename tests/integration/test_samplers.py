@@ -54,6 +54,15 @@ def test_each_new_sampler_differs_from_euler_and_repeats_per_seed(
     assert image(client, {"sampler": sampler}) == first
 
 
+def test_cfg_pp_guides_below_1_as_the_paper_lambda(client: httpx.Client) -> None:
+    """Below 1 diffusers' samplers do not guide at all (euler at 0.6 is euler at 1); CFG++
+    does, with lambda = cfgScale, so its 0.6 picture is not its 1 picture."""
+    for sampler, guides in (("euler", False), ("euler_cfg_pp", True)):
+        low = image(client, {"sampler": sampler, "cfgScale": 0.6})
+        one = image(client, {"sampler": sampler, "cfgScale": 1})
+        assert (low != one) is guides, sampler
+
+
 @pytest.mark.parametrize("scheduler", ["karras", "exponential", "sgm_uniform", "simple"])
 def test_each_scheduler_differs_from_discrete_and_repeats(
     client: httpx.Client, euler: bytes, scheduler: str

@@ -214,13 +214,21 @@ class FakePipeline:
 def test_the_hook_keeps_the_unconditional_half_and_is_removed(guided: bool) -> None:
     pipeline = FakePipeline(EulerCFGPPScheduler.from_config(CONFIG), guided)
     batch = torch.arange(4.0).reshape(2, 2) if guided else torch.ones(1, 2)
-    with unconditional_capture(pipeline):
+    with unconditional_capture(pipeline, 0.7):
+        assert pipeline.scheduler.guidance == 0.7
         pipeline.unet(batch)
         kept = pipeline.scheduler.unconditional_output
         assert kept is not None
         torch.testing.assert_close(kept, (batch * 2)[:1])
+        conditional = pipeline.scheduler.conditional_output
+        if guided:
+            assert conditional is not None
+            torch.testing.assert_close(conditional, (batch * 2)[1:])
+        else:
+            assert conditional is None
     assert not pipeline.unet._forward_hooks
     assert pipeline.scheduler.unconditional_output is None
+    assert pipeline.scheduler.guidance is None
 
 
 def test_the_hook_ignores_other_threads_and_other_schedulers() -> None:
@@ -234,3 +242,21 @@ def test_the_hook_ignores_other_threads_and_other_schedulers() -> None:
     with unconditional_capture(plain):
         assert not plain.unet._forward_hooks
     assert issubclass(EulerAncestralCFGPPScheduler, CFGPPScheduler)
+
+
+def test_cfg_pp_mixes_the_halves_with_its_own_guidance() -> None:
+    """Below 1 the pipeline is called with a scale only to run both passes: the scheduler
+    mixes uncond + lambda (cond - uncond) itself and ignores what the pipeline mixed."""
+    made = EulerCFGPPScheduler.from_config(CONFIG)
+    made.set_timesteps(4)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)) * 10
+    unconditional, conditional = torch.full(SHAPE, -0.2), torch.full(SHAPE, 0.6)
+    sigma, sigma_next = float(made.sigmas[0]), float(made.sigmas[1])
+    made.unconditional_output, made.conditional_output = unconditional, conditional
+    made.guidance = 0.5
+    pipeline_mix = torch.full(SHAPE, 99.0)  # what a pipeline at scale 2 would have passed
+    out = made.step(pipeline_mix, made.timesteps[0], x).prev_sample
+    guided = unconditional + 0.5 * (conditional - unconditional)
+    expected = (x - sigma * guided) + sigma_next * unconditional
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    assert made.conditional_output is None

@@ -19,6 +19,8 @@ from diffusiond.sampling import (
     SIGMA_SCHEDULE_SAMPLERS,
     SPACING_SAMPLERS,
     diffusers_clip_skip,
+    pipeline_guidance,
+    runs_unconditional,
     samplers_body,
     samplers_for,
     schedule_problem,
@@ -155,3 +157,15 @@ def test_clip_skip_maps_to_diffusers_layers_skipped(
 def test_samplers_body_lists_both() -> None:
     assert samplers_body() == {"samplers": list(SAMPLERS), "schedulers": list(SCHEDULERS)}
     assert {"er_sde", "euler_cfg_pp", "euler_a_cfg_pp"} <= set(SAMPLERS)
+
+
+def test_cfg_pp_guides_at_every_scale_but_1_like_stable_diffusion_cpp() -> None:
+    assert runs_unconditional("euler_cfg_pp", 0.6)
+    assert runs_unconditional("euler_a_cfg_pp", 0.0)
+    assert not runs_unconditional("euler_cfg_pp", 1.0)
+    assert not runs_unconditional("euler", 0.6)
+    assert runs_unconditional("euler", 7.5)
+    assert pipeline_guidance("euler_cfg_pp", 0.6) > 1  # only to run both passes
+    assert pipeline_guidance("euler_cfg_pp", 1.0) == 1
+    assert pipeline_guidance("euler_cfg_pp", 5.0) == 5
+    assert pipeline_guidance("euler", 0.6) == 0.6

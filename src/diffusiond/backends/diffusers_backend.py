@@ -45,6 +45,7 @@ from diffusiond.backends.single_file import (
 from diffusiond.errors import ModelLoadError
 from diffusiond.jobs.models import Stage
 from diffusiond.memory import trim_heap
+from diffusiond.sampling import pipeline_guidance, runs_unconditional
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -308,7 +309,7 @@ class DiffusersBackend:
 
     def _encode(self, pipeline: Any, spec: ImageSpec) -> dict[str, Any]:
         """The prompt's embeddings, as keyword arguments of the pipeline's call."""
-        guided = spec.cfg_scale > 1
+        guided = runs_unconditional(spec.sampler, spec.cfg_scale)
         negative = spec.negative_prompt or None
         clip_skip = pipeline_clip_skip(pipeline, spec.clip_skip, self._architecture == "sdxl")
         if self._architecture == "sdxl":
@@ -385,12 +386,13 @@ class DiffusersBackend:
         generator = torch.Generator(device="cpu").manual_seed(spec.seed)
         size = {"width": spec.width, "height": spec.height}
         images = edit.call_kwargs(**size) if edit is not None else size
-        with unconditional_capture(pipeline):  # CFG++ samplers need the unguided prediction
+        # CFG++ samplers need the unguided prediction (and may guide below 1).
+        with unconditional_capture(pipeline, spec.cfg_scale):
             return pipeline(
                 **embeds,
                 **images,
                 num_inference_steps=spec.steps,
-                guidance_scale=spec.cfg_scale,
+                guidance_scale=pipeline_guidance(spec.sampler, spec.cfg_scale),
                 generator=generator,
                 output_type="latent",
                 callback_on_step_end=after_step,

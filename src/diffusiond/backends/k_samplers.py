@@ -184,10 +184,30 @@ class CFGPPScheduler(SigmaSpaceScheduler):
     guided one.
 
     `unconditional_output` holds the UNet's unconditional output for the coming step (set by
-    `unconditional_capture`); without it (no guidance) the direction is the plain one.
+    `unconditional_capture`); without it (no guidance) the direction is the plain one. With
+    `conditional_output` and `guidance` set too, the step mixes the guided prediction itself,
+    uncond + guidance (cond - uncond), whatever the pipeline mixed: that lets a guidance
+    below 1 (the paper's lambda range) run, where diffusers would skip the unconditional
+    pass (the pipeline is then called with a scale above 1 only to run it).
     """
 
     unconditional_output: torch.Tensor | None = None
+    conditional_output: torch.Tensor | None = None
+    guidance: float | None = None
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> Any:
+        conditional, self.conditional_output = self.conditional_output, None
+        unconditional = self.unconditional_output
+        if conditional is not None and unconditional is not None and self.guidance is not None:
+            model_output = unconditional + self.guidance * (conditional - unconditional)
+        return super().step(model_output, timestep, sample, generator, return_dict)
 
     def direction(self, x: torch.Tensor, sigma: float, guided: torch.Tensor) -> torch.Tensor:
         raw = self.unconditional_output
@@ -244,9 +264,10 @@ class EulerAncestralCFGPPScheduler(CFGPPScheduler, EulerAncestralScheduler):
 
 
 @contextmanager
-def unconditional_capture(pipeline: Any) -> Iterator[None]:
-    """While the block runs, hand a CFG++ scheduler the unconditional half of each UNet
-    output of this thread's pipeline call; no-op for any other scheduler.
+def unconditional_capture(pipeline: Any, guidance: float | None = None) -> Iterator[None]:
+    """While the block runs, hand a CFG++ scheduler the unconditional and conditional
+    halves of each UNet output of this thread's pipeline call, and the request's guidance
+    (`cfgScale`, CFG++'s lambda) to mix them with; no-op for any other scheduler.
 
     The hook sits on the shared UNet only for the request and is removed in `finally`; it
     ignores calls from other threads (another job on the same model).
@@ -263,12 +284,17 @@ def unconditional_capture(pipeline: Any) -> Iterator[None]:
         prediction = output[0]
         # diffusers batches [unconditional, conditional] when it guides.
         if pipeline.do_classifier_free_guidance:
-            prediction = prediction.chunk(2)[0]
-        scheduler.unconditional_output = prediction
+            unconditional, conditional = prediction.chunk(2)
+            scheduler.unconditional_output = unconditional
+            scheduler.conditional_output = conditional
+        else:
+            scheduler.unconditional_output = prediction
 
+    scheduler.guidance = guidance
     handle = pipeline.unet.register_forward_hook(keep_unconditional)
     try:
         yield
     finally:
         handle.remove()
-        scheduler.unconditional_output = None
+        scheduler.unconditional_output = scheduler.conditional_output = None
+        scheduler.guidance = None
