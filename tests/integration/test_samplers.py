@@ -157,3 +157,7 @@ def test_get_samplers_lists_samplers_and_schedulers(client: httpx.Client) -> Non
         listed = python_client.samplers()
     assert list(listed.samplers) == body["samplers"]
     assert list(listed.schedulers) == body["schedulers"]
+    document = client.get("/openapi.json").json()
+    assert "get" in document["paths"]["/v1/samplers"]
+    sampler_enum = document["components"]["schemas"]["Samplers"]["properties"]["samplers"]
+    assert sampler_enum["items"]["enum"] == body["samplers"]
