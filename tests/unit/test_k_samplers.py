@@ -260,3 +260,40 @@ def test_cfg_pp_mixes_the_halves_with_its_own_guidance() -> None:
     expected = (x - sigma * guided) + sigma_next * unconditional
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
     assert made.conditional_output is None
+
+
+def test_er_sde_third_step_adds_the_curvature_of_x0() -> None:
+    """Stage 3 on top of stage 2: (dl^2 / 2 + S_u f(l_t)) (slope - slope_before) /
+    ((l_s - l_before2) / 2), with S_u the integral of (l - l_s) / f over [l_t, l_s]."""
+    made = ERSDEScheduler.from_config(CONFIG)
+    made.set_timesteps(6)
+    lam = [float(value) for value in made.sigmas[:4]]
+    x0 = [target() + 0.05 * sigma + 0.002 * sigma**2 for sigma in lam]  # curved in sigma
+    noise_source = torch.Generator().manual_seed(21)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * 14
+    for index in range(2):
+        eps = fixed_eps(x, lam[index], x0[index])
+        x = made.step(eps, made.timesteps[index], x, noise_source).prev_sample
+    before = x.clone()
+    out = made.step(fixed_eps(x, lam[2], x0[2]), made.timesteps[2], x, noise_source)
+
+    replay = torch.Generator().manual_seed(21)
+    for _ in range(2):
+        torch.randn(SHAPE, generator=replay)
+    noise = torch.randn(SHAPE, generator=replay)
+    lam_s, lam_t = lam[2], lam[3]
+    ratio = float(er_sde_noise_scale(lam_t) / er_sde_noise_scale(lam_s))
+    first, second = er_sde_integrals(lam_s, lam_t)
+    scale_t = float(er_sde_noise_scale(lam_t))
+    slope_before = (x0[1] - x0[0]) / (lam[1] - lam[0])
+    slope = (x0[2] - x0[1]) / (lam[2] - lam[1])
+    curvature = (slope - slope_before) / ((lam[2] - lam[0]) / 2)
+    gap = lam_t - lam_s
+    expected = (
+        ratio * before
+        + (1 - ratio) * x0[2]
+        + (gap + first * scale_t) * slope
+        + (gap**2 / 2 + second * scale_t) * curvature
+        + math.sqrt(lam_t**2 - (ratio * lam_s) ** 2) * noise
+    )
+    torch.testing.assert_close(out.prev_sample, expected, rtol=1e-5, atol=1e-4)
