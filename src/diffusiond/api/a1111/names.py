@@ -12,6 +12,8 @@ from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import LORA_WEIGHT_LIMIT, MAX_LORAS
 from diffusiond.sampling import schedule_problem
 
+PREFIX = "/sdapi/v1"  # where the AUTOMATIC1111 routes are mounted
+
 
 @dataclass(frozen=True)
 class A1111Sampler:
