@@ -169,3 +169,15 @@ def test_cfg_pp_guides_at_every_scale_but_1_like_stable_diffusion_cpp() -> None:
     assert pipeline_guidance("euler_cfg_pp", 1.0) == 1
     assert pipeline_guidance("euler_cfg_pp", 5.0) == 5
     assert pipeline_guidance("euler", 0.6) == 0.6
+
+
+def test_the_a1111_names_refuse_a_pair_the_sampler_cannot_run() -> None:
+    from diffusiond.api.a1111.names import map_sampler
+
+    names = {"samplers": SAMPLERS, "schedulers": SCHEDULERS}
+    assert map_sampler("DPM++ 2M Karras", None, **names) == ("dpm++2m", "karras")
+    assert map_sampler("DDIM", "Automatic", **names) == ("ddim", "discrete")
+    with pytest.raises(InvalidRequest) as caught:
+        map_sampler("DDIM", "Karras", **names)
+    assert caught.value.field == "scheduler"
+    assert "cannot be used with sampler ddim" in str(caught.value)
