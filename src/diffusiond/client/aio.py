@@ -14,7 +14,7 @@ import httpx
 from diffusiond.client import _protocol as proto
 from diffusiond.client.errors import ServerBusyError
 from diffusiond.client.inputs import ImageInput
-from diffusiond.client.models import GeneratedImage, Generation, Health, LoraInfo
+from diffusiond.client.models import GeneratedImage, Generation, Health, LoraInfo, Samplers
 
 
 class AsyncClient:
@@ -133,6 +133,10 @@ class AsyncClient:
     async def loras(self) -> builtins.list[LoraInfo]:
         """The LoRAs the server can apply (GET /v1/loras), by name."""
         return LoraInfo.listing(await self._call("GET", "/v1/loras"))
+
+    async def samplers(self) -> Samplers:
+        """The sampler and scheduler names the server takes (GET /v1/samplers)."""
+        return Samplers.from_wire(await self._call("GET", "/v1/samplers"))
 
     async def image_png(self, generation_id: str, index: int = 0) -> bytes:
         """The PNG bytes of image `index` (0-based) of a complete generation."""

@@ -177,3 +177,15 @@ class LoraInfo:
     @classmethod
     def listing(cls, body: dict[str, Any]) -> list[LoraInfo]:
         return [cls.from_wire(entry) for entry in body["loras"]]
+
+
+@dataclass(frozen=True)
+class Samplers:
+    """The server's GET /v1/samplers answer: the names a request may give."""
+
+    samplers: tuple[str, ...]
+    schedulers: tuple[str, ...]
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Samplers:
+        return cls(samplers=tuple(body["samplers"]), schedulers=tuple(body["schedulers"]))
