@@ -162,7 +162,7 @@ class _Endpoints:
         self._keys = IdempotencyKeys(registry.exists)
         registry.add_listener(self._keys.on_change)
         self._slots = StreamSlots(config.max_streams)
-        self._offload = Offload(registry, engine, loras)  # every port call below goes through it
+        self._offload = Offload(registry, engine)  # every port call below goes through it
         self._keys_lock = asyncio.Lock()  # IdempotencyKeys is not thread-safe: one at a time
         self._feed = JobFeed(
             registry,
@@ -205,8 +205,8 @@ class _Endpoints:
         # A body with images takes milliseconds to check (base64, a full decode): off the
         # event loop, so that polls and streams of other jobs are not held up meanwhile.
         parsed = parse() if len(body) <= MAX_BODY_BYTES else await asyncio.to_thread(parse)
-        if parsed.loras:
-            await self._offload(self._loras.check, parsed.model, parsed.loras)
+        if parsed.loras:  # reads the LoRA folder (and, in broker mode, Redis): off the loop
+            await asyncio.to_thread(self._loras.check, parsed.model, parsed.loras)
         raw_key = request.headers.get("idempotency-key")
         key = check_idempotency_key(raw_key) if raw_key is not None else None
         wait_s = wait_preference(request)
@@ -291,7 +291,7 @@ class _Endpoints:
         return _json(dump({"generations": [summary_body(job) for job in jobs]}))
 
     async def loras(self, _request: Request) -> Response:
-        return _json(dump({"loras": await self._offload(self._loras.listing)}))
+        return _json(dump({"loras": await asyncio.to_thread(self._loras.listing)}))
 
     async def openapi(self, _request: Request) -> Response:
         if self._openapi is None:
