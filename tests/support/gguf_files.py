@@ -62,18 +62,24 @@ def write_sdcpp_gguf(
     path: Path,
     wanted: GGMLQuantizationType,
     rules: Sequence[tuple[str, GGMLQuantizationType]] = (),
+    *,
+    quantize_vectors: bool = True,
 ) -> Counter[str]:
-    """Write `state` (float32, ldm names) as sd.cpp would; how many tensors got each type."""
+    """Write `state` (ldm names) as sd.cpp would; how many tensors got each type. sd.cpp
+    quantizes 1-D weights too (norms); `quantize_vectors=False` keeps them as stored, for
+    diffusers' GGUF loader, which cannot run a quantized norm."""
     writer = GGUFWriter(str(path), arch="unused")
     # sd.cpp writes tensors only; the writer's compulsory architecture entry is dropped
     writer.kv_data[0].pop("general.architecture")
     kinds: Counter[str] = Counter()
     for name, tensor in state.items():
-        values = tensor.detach().float().contiguous().numpy()
+        values = tensor.detach().float().contiguous().numpy()  # one tensor at a time
         target = next((kind for pattern, kind in rules if re.search(pattern, name)), wanted)
-        kind = sdcpp_type(name, Q.F32, target)
-        if values.ndim == 0 or values.shape[-1] % GGML_QUANT_SIZES[kind][0]:
-            kind = Q.F32
+        stored = Q.F16 if tensor.dtype == torch.float16 else Q.F32
+        kind = sdcpp_type(name, stored, target)
+        unfit = values.ndim == 0 or values.shape[-1] % GGML_QUANT_SIZES[kind][0]
+        if unfit or (values.ndim == 1 and not quantize_vectors):
+            kind = stored
         kinds[kind.name] += 1
         writer.add_tensor(name, _encoded(values, kind), raw_dtype=kind)
     writer.write_header_to_file()
