@@ -12,8 +12,12 @@ Each case runs in a fresh child process so its peak RSS is its own:
   so it reads a second file with 1-D tensors left as stored.
 
 A step is one UNet call on a batch of 2 (classifier-free guidance) 64x64 latents (512x512).
+`--layers` times instead, in one process and interleaved (so a busy machine slows both
+alike), SD 1.5's largest linear layers as a plain bfloat16 Linear and as diffusers'
+GGUFLinear holding Q8_0 weights.
 
     python bench/gguf_load.py --steps 3
+    python bench/gguf_load.py --layers
 """
 
 from __future__ import annotations
@@ -115,6 +119,67 @@ def child(case: str, path: Path, steps: int, threads: int, dtype_name: str) -> d
     }
 
 
+# (out, in, tokens) of SD 1.5 UNet linears at 512x512: the first level's feed-forward
+# (GEGLU in, out), its attention projection, the deepest level's feed-forward
+LAYERS = ((2560, 320, 4096), (320, 1280, 4096), (320, 320, 4096), (10240, 1280, 64))
+
+
+def layer_times(rounds: int, threads: int) -> None:
+    import torch
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+    from gguf.quants import quantize
+    from tests.support.gguf_files import Q
+
+    torch.set_num_threads(threads)
+    print("layer (out x in, tokens x 2)   bf16 Linear ms   GGUFLinear Q8_0 ms   ratio")
+    for out_features, in_features, tokens in LAYERS:
+        weight = torch.randn(out_features, in_features) * 0.02
+        plain = torch.nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16)
+        plain.weight.data = weight.to(torch.bfloat16)
+        kept = GGUFLinear(in_features, out_features, bias=False, compute_dtype=torch.bfloat16)
+        blocks = torch.from_numpy(quantize(weight.numpy(), Q.Q8_0))
+        kept.weight = GGUFParameter(blocks, quant_type=Q.Q8_0)
+        inputs = torch.randn(2, tokens, in_features, dtype=torch.bfloat16)
+        times: dict[str, list[float]] = {"plain": [], "kept": []}
+        with torch.inference_mode():
+            for _ in range(rounds + 1):  # the first round warms up
+                for name, layer in (("plain", plain), ("kept", kept)):
+                    started = time.perf_counter()
+                    layer(inputs)
+                    times[name].append(time.perf_counter() - started)
+        plain_ms = statistics.median(times["plain"][1:]) * 1000
+        kept_ms = statistics.median(times["kept"][1:]) * 1000
+        shape = f"{out_features} x {in_features}, {tokens} x 2"
+        print(f"{shape:<30} {plain_ms:14.1f} {kept_ms:20.1f} {kept_ms / plain_ms:7.2f}")
+
+
+def interleaved_steps(files: dict[str, Path], rounds: int, threads: int) -> None:
+    """The dequantized and the kept-quantized UNet in one process, stepping in turns."""
+    import torch
+
+    torch.set_num_threads(threads)
+    unets = {
+        case: _unet_of(case, files[case], torch.bfloat16) for case in ("gguf-unet", "gguf-kept")
+    }
+    latents = torch.randn(2, 4, 64, 64, dtype=torch.bfloat16)
+    text = torch.randn(2, 77, 768, dtype=torch.bfloat16)
+    times: dict[str, list[float]] = {case: [] for case in unets}
+    outputs: dict[str, Any] = {}
+    with torch.inference_mode():
+        for _ in range(rounds + 1):  # the first round warms up
+            for case, unet in unets.items():
+                started = time.monotonic()
+                outputs[case] = unet(latents, 500, text).sample.float()
+                times[case].append(time.monotonic() - started)
+    dequantized, kept = (statistics.median(times[case][1:]) for case in unets)
+    difference = (outputs["gguf-unet"] - outputs["gguf-kept"]).abs().max().item()
+    print(
+        f"interleaved, {rounds} rounds: dequantized at load {dequantized:.2f} s/step, kept "
+        f"quantized {kept:.2f} s/step ({kept / dequantized:.2f}x); largest output difference "
+        f"{difference:.4f} (output std {outputs['gguf-unet'].std().item():.3f})"
+    )
+
+
 def run_child(case: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", case, "--path", str(path)]
     command += ["--steps", str(args.steps), "--threads", str(args.threads), "--dtype", args.dtype]
@@ -131,16 +196,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, help="where the GGUF files go (default: by the model)")
+    parser.add_argument("--layers", action="store_true", help="time single layers instead")
+    parser.add_argument(
+        "--interleave", action="store_true", help="step both GGUF UNets in one process, in turns"
+    )
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.path, args.steps, args.threads, args.dtype)))
         return
+    if args.layers:
+        layer_times(max(args.steps, 5), args.threads)
+        return
     model = ensure_sd15_model()
     sdcpp, linear_only = build_ggufs(model.single_file, args.out or model.single_file.parent)
     files = {"safetensors": model.single_file, "gguf": sdcpp, "gguf-unet": sdcpp}
     files["gguf-kept"] = linear_only
+    if args.interleave:
+        interleaved_steps(files, args.steps, args.threads)
+        return
     print(f"SD 1.5-shaped, 512x512 latents, batch 2, {args.dtype}, {args.threads} threads")
     for name, path in files.items():
         print(f"  {name}: {path.name} {path.stat().st_size / 2**30:.2f} GiB")
