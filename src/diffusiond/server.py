@@ -16,6 +16,7 @@ from diffusiond.api.app import ApiConfig, create_app
 from diffusiond.api.events import JobEvents
 from diffusiond.backends.base import Backend
 from diffusiond.backends.factory import make_backend
+from diffusiond.backends.model_set import ModelSet
 from diffusiond.engine.engine import Engine
 from diffusiond.errors import ModelLoadError
 from diffusiond.jobs.registry import GenerationRegistry, TtlSweeper
@@ -31,6 +32,7 @@ class Service:
 
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
+        self.backend = backend
         store = open_store(settings.store)
         self.persistent = store.persistent
         self.registry = GenerationRegistry(
@@ -59,6 +61,7 @@ class Service:
             ApiConfig.from_settings(self.settings),
             lifespan=self._lifespan,
             events=self.events,
+            models=self.backend.catalog if isinstance(self.backend, ModelSet) else None,
         )
 
     @asynccontextmanager

@@ -7,6 +7,7 @@ import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -24,9 +25,10 @@ from diffusiond.api.events import JobEvents, JobFeed, last_event_id, wait_prefer
 from diffusiond.api.health import check_ready, health_body
 from diffusiond.api.idempotency import IdempotencyKeys, check_idempotency_key
 from diffusiond.api.limits import StreamSlots
+from diffusiond.api.model_list import models_body
 from diffusiond.api.openapi import openapi_document
 from diffusiond.api.params import read_uint, shown
-from diffusiond.api.ports import JobRunner, JobSource, Offload
+from diffusiond.api.ports import JobRunner, JobSource, ModelDirectory, Offload
 from diffusiond.api.schemas import (
     DEFAULT_MAX_PIXELS,
     dump,
@@ -40,6 +42,7 @@ from diffusiond.api.security import (
     SameSiteMiddleware,
     carries_key,
 )
+from diffusiond.backends.base import BackendInfo
 from diffusiond.errors import (
     DiffusiondError,
     InvalidRequest,
@@ -146,8 +149,11 @@ class _Endpoints:
         config: ApiConfig,
         events: JobEvents,
         bodies: RenderedBodies,
+        *,
+        models: ModelDirectory | None,
     ) -> None:
         self._registry = registry
+        self._models = models
         self._engine = engine
         self._config = config
         self._events = events
@@ -199,6 +205,9 @@ class _Endpoints:
         # A body with images takes milliseconds to check (base64, a full decode): off the
         # event loop, so that polls and streams of other jobs are not held up meanwhile.
         parsed = parse() if len(body) <= MAX_BODY_BYTES else await asyncio.to_thread(parse)
+        if self._models is not None and parsed.model is not None:
+            # An id not seen before rescans the models dir: off the event loop.
+            await asyncio.to_thread(self._models.check, parsed.model)
         raw_key = request.headers.get("idempotency-key")
         key = check_idempotency_key(raw_key) if raw_key is not None else None
         wait_s = wait_preference(request)
@@ -291,6 +300,18 @@ class _Endpoints:
             )
         return _json(self._openapi)
 
+    async def models(self, request: Request) -> Response:
+        api_key = self._config.api_key
+        with_paths = api_key is not None and carries_key(request.headers, api_key)
+        info = await self._offload(self._engine.info)
+        if self._models is None:
+            body = _plugin_models(info)
+        else:  # a rescan of the models dir: off the event loop
+            body = await asyncio.to_thread(
+                models_body, self._models, info.models, with_paths=with_paths
+            )
+        return _json(dump(body))
+
     async def health(self, request: Request) -> Response:
         api_key = self._config.api_key
         full = api_key is None or carries_key(request.headers, api_key)
@@ -306,24 +327,41 @@ class _Endpoints:
         return _json(dump(body))
 
 
+def _plugin_models(info: BackendInfo) -> dict[str, object]:
+    """A plugin backend's one model, which every request goes to whatever it names."""
+    model = {
+        "id": PurePath(info.model).name,
+        "architecture": info.architecture,
+        "format": "plugin",
+        "loaded": True,
+        "default": True,
+    }
+    return {"models": [model]}
+
+
 def create_app(
     registry: JobSource,
     engine: JobRunner,
     config: ApiConfig,
     lifespan: Lifespan | None = None,
     events: JobEvents | None = None,
+    *,
+    models: ModelDirectory | None = None,
 ) -> Starlette:
-    """The HTTP API of ../shared/API.md over a registry and an engine."""
+    """The HTTP API of docs/API.md over a registry and an engine; `models` checks the
+    `model` of each request and lists them (None: the backend is a plugin with one model,
+    and any `model` goes to it)."""
     events = events if events is not None else JobEvents()
     bodies = RenderedBodies()
     registry.add_listener(events.on_change)
     registry.add_listener(bodies.on_change)
-    endpoints = _Endpoints(registry, engine, config, events, bodies)
+    endpoints = _Endpoints(registry, engine, config, events, bodies, models=models)
     routes = [
         Route("/v1/images/generations", endpoints.generations, methods=["GET", "POST"]),
         Route("/v1/images/generations/{id}", endpoints.generation, methods=["GET", "DELETE"]),
         Route("/v1/images/generations/{id}/events", endpoints.events, methods=["GET"]),
         Route("/v1/images/generations/{id}/images/{index}", endpoints.image, methods=["GET"]),
+        Route("/v1/models", endpoints.models, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
         *web_routes(),

@@ -5,29 +5,57 @@ from __future__ import annotations
 import importlib
 
 from diffusiond.backends.base import Backend
+from diffusiond.backends.catalog import ModelCatalog, ModelEntry
 from diffusiond.errors import SettingsError
 from diffusiond.settings import Settings
+
+
+def model_catalog(settings: Settings) -> ModelCatalog:
+    """The catalog of `--models-dir` with `--model` as its default (API nodes build it too)."""
+    return ModelCatalog(settings.models_dir, default=settings.model)
+
+
+def backend_for_model(entry: ModelEntry, settings: Settings) -> Backend:
+    """One model's backend, not loaded yet: what the model set builds for each model.
+
+    The one place that says which backend draws which model; a model family with its own
+    backend is chosen here, from the entry's path.
+    """
+    from diffusiond.backends.diffusers_backend import DiffusersBackend
+
+    return DiffusersBackend(
+        model_path=entry.path,
+        home=settings.home,
+        device=settings.device,
+        torch_threads=settings.torch_threads,
+        dtype=settings.dtype,
+        model_config=settings.model_config,
+        compile_model=settings.compile,
+    )
 
 
 def make_backend(settings: Settings) -> Backend:
     """The backend `settings.backend` names, checked enough to fail fast on a bad model path.
 
-    'diffusers' is the built-in backend; `module:factory` names a plugin, called with the
+    'diffusers' is the built-in backend: a model set over the models dir (--models-dir), its
+    default --model (backends/model_set.py); `module:factory` names a plugin, called with the
     settings. Nothing is loaded here: the caller loads the model where it will run it.
     """
     if settings.backend == "diffusers":
-        from diffusiond.backends.diffusers_backend import DiffusersBackend, check_model_path
+        from diffusiond.backends.builtin_model import ensure_builtin_model
+        from diffusiond.backends.diffusers_backend import check_model_path
+        from diffusiond.backends.model_set import ModelSet, hasher_in
 
-        if settings.model is not None:
-            check_model_path(settings.model)
-        return DiffusersBackend(
-            model_path=settings.model,
-            home=settings.home,
-            device=settings.device,
-            torch_threads=settings.torch_threads,
-            dtype=settings.dtype,
-            model_config=settings.model_config,
-            compile_model=settings.compile,
+        catalog = model_catalog(settings)
+        default = catalog.find(None)
+        if default is not None and default.path is not None:
+            check_model_path(default.path)
+        home = settings.home
+        return ModelSet(
+            catalog,
+            lambda entry: backend_for_model(entry, settings),
+            max_loaded=settings.max_loaded_models,
+            hash_of=hasher_in(home, lambda: ensure_builtin_model(home)),
         )
     module_name, _, attribute = settings.backend.partition(":")
     if not module_name or not attribute:

@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 
 from diffusiond.api.app import ApiConfig, create_app
 from diffusiond.api.events import JobEvents
+from diffusiond.backends.factory import model_catalog
 from diffusiond.broker.bridge import LoopThread
 from diffusiond.broker.node import BrokerEngine, BrokerRegistry
 from diffusiond.broker.queue import JobOptions, open_queue
@@ -49,6 +50,9 @@ class BrokerService:
             options=JobOptions.from_settings(settings.result_ttl_ms, settings.broker_heartbeat_s),
             max_queue=settings.max_queue,
         )
+        # The node checks each request's `model` against its own catalog of --models-dir:
+        # the workers must be given the same one (each serves every model of its own dir).
+        self.models = model_catalog(settings) if settings.backend == "diffusers" else None
         self.events = JobEvents()
         self._tasks: list[concurrent.futures.Future[None]] = []
 
@@ -63,6 +67,7 @@ class BrokerService:
             ApiConfig.from_settings(self.settings),
             lifespan=self._lifespan,
             events=self.events,
+            models=self.models,
         )
 
     @asynccontextmanager

@@ -146,7 +146,11 @@ class WorkerRuntime:
         info = await asyncio.to_thread(load_backend, self._backend)
         self._model = model_name(info)
         self.metadata.update(
-            backend=info.name, model=info.model, device=info.device, dtype=info.dtype
+            backend=info.name,
+            model=info.model,
+            device=info.device,
+            dtype=info.dtype,
+            models=list(info.models),
         )
         print("diffusiond: worker ready", flush=True)
 
@@ -183,6 +187,8 @@ class WorkerRuntime:
             )
         finally:
             trim_heap()
+            # the models loaded now, published with the next worker_info (GET /v1/models)
+            self.metadata["models"] = list(self._backend.info().models)
         return saq_outcome(generation.result())
 
 

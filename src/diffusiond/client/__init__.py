@@ -17,7 +17,14 @@ from diffusiond.client.errors import (
     UnauthorizedError,
     UnsafeAnswerError,
 )
-from diffusiond.client.models import GeneratedImage, Generation, Health, Progress, safe_id
+from diffusiond.client.models import (
+    GeneratedImage,
+    Generation,
+    Health,
+    ModelInfo,
+    Progress,
+    safe_id,
+)
 from diffusiond.client.png import png_input_hashes, png_parameters
 from diffusiond.client.sync import Client
 
@@ -35,6 +42,7 @@ __all__ = [
     "GenerationTimeoutError",
     "Health",
     "InvalidRequestError",
+    "ModelInfo",
     "NotFoundError",
     "Progress",
     "ServerBusyError",

@@ -13,7 +13,7 @@ import httpx
 from diffusiond.client import _protocol as proto
 from diffusiond.client.errors import ServerBusyError
 from diffusiond.client.inputs import ImageInput
-from diffusiond.client.models import GeneratedImage, Generation, Health
+from diffusiond.client.models import GeneratedImage, Generation, Health, ModelInfo
 
 
 class AsyncClient:
@@ -128,6 +128,11 @@ class AsyncClient:
 
     async def health(self) -> Health:
         return Health.from_wire(await self._call("GET", "/health"))
+
+    async def models(self) -> list[ModelInfo]:
+        """The models the server can draw with (GET /v1/models); `model=` takes an id."""
+        body = await self._call("GET", "/v1/models")
+        return [ModelInfo.from_wire(item) for item in body["models"]]
 
     async def image_png(self, generation_id: str, index: int = 0) -> bytes:
         """The PNG bytes of image `index` (0-based) of a complete generation."""

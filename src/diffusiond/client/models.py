@@ -161,3 +161,26 @@ class Health:
             version=body.get("version"),
             raw=body,
         )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model of the server's GET /v1/models: `id` is what `model=` takes."""
+
+    id: str
+    architecture: str
+    format: str
+    loaded: bool
+    default: bool
+    path: str | None = None  # only where the request carried the API key
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> ModelInfo:
+        return cls(
+            id=str(body["id"]),
+            architecture=str(body.get("architecture", "unknown")),
+            format=str(body.get("format", "unknown")),
+            loaded=bool(body.get("loaded", False)),
+            default=bool(body.get("default", False)),
+            path=body.get("path"),
+        )
