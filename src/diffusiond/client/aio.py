@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -129,7 +130,7 @@ class AsyncClient:
     async def health(self) -> Health:
         return Health.from_wire(await self._call("GET", "/health"))
 
-    async def models(self) -> list[ModelInfo]:
+    async def models(self) -> builtins.list[ModelInfo]:
         """The models the server can draw with (GET /v1/models); `model=` takes an id."""
         body = await self._call("GET", "/v1/models")
         return [ModelInfo.from_wire(item) for item in body["models"]]

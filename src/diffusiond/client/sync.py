@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -142,7 +143,7 @@ class Client:
     def health(self) -> Health:
         return Health.from_wire(self._call("GET", "/health"))
 
-    def models(self) -> list[ModelInfo]:
+    def models(self) -> builtins.list[ModelInfo]:
         """The models the server can draw with (GET /v1/models); `model=` takes an id."""
         body = self._call("GET", "/v1/models")
         return [ModelInfo.from_wire(item) for item in body["models"]]
