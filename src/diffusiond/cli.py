@@ -58,6 +58,9 @@ WORKER_FIELDS = frozenset(
     {
         "broker",
         "model",
+        "model_config",
+        "models_dir",  # each worker serves every model of its own models dir
+        "max_loaded_models",
         "device",
         "backend",
         "home",
