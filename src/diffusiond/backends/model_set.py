@@ -16,6 +16,7 @@ import gc
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -185,10 +186,20 @@ class ModelSet:
 
     @staticmethod
     def _unload(evicted: list[Backend]) -> None:
+        """Drop the evicted backends (the last references: their modules go with them) and
+        give the freed pages back to the OS. A full garbage collection costs ~1 s in a
+        process holding torch and diffusers (measured: 0.75-1.2 s), and reference counting
+        alone frees a pipeline, so it runs only where an evicted backend outlived its last
+        reference (a cycle)."""
         if not evicted:
             return
-        evicted.clear()  # the last references: the modules go with them
-        gc.collect()
+        try:
+            survivors = [weakref.ref(backend) for backend in evicted]
+        except TypeError:  # a backend class without weak references: always collect
+            survivors = []
+        evicted.clear()
+        if not survivors or any(ref() is not None for ref in survivors):
+            gc.collect()
         trim_heap()
 
     def _load(self, model_id: str) -> Backend:
