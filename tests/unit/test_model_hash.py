@@ -49,3 +49,16 @@ def test_the_hash_is_cached_until_the_file_changes(
     os.utime(checkpoint, ns=(1, 1))
     assert short_model_hash(checkpoint, home) == hashlib.sha256(b"second, longer").hexdigest()[:10]
     assert computed == [checkpoint]
+
+
+def test_the_recipe_writes_the_hash_where_automatic1111_does() -> None:
+    from diffusiond.backends.base import ImageSpec
+    from diffusiond.engine.batch import image_recipe
+
+    spec = ImageSpec("p", "", 64, 64, 3, 7.0, 9, "euler", model="alpha")
+    with_hash = image_recipe(spec, "alpha", "0123456789")
+    assert "Size: 64x64, Model hash: 0123456789, Model: alpha, Version" in with_hash["parameters"]
+    assert '"modelHash":"0123456789"' in with_hash["diffusiond"]
+    without = image_recipe(spec, "alpha")
+    assert "Model hash" not in without["parameters"]
+    assert "modelHash" not in without["diffusiond"]

@@ -163,3 +163,20 @@ def test_the_label_names_the_model_and_its_hash(catalog: ModelCatalog) -> None:
     assert models.model_label(None).id == "builtin"
     assert models.model_label(None).hash == "h-builtin"
     assert models.info().models == ("beta",)
+
+
+def test_a_job_on_the_model_set_names_each_image_s_model_and_hash_in_its_recipe(
+    catalog: ModelCatalog,
+) -> None:
+    from diffusiond.engine.run import Completed, JobRun, Pace
+    from diffusiond.imaging import read_recipe
+    from diffusiond.jobs.models import GenerationRequest
+
+    models = ModelSet(catalog, Builds(), hash_of=lambda entry: f"{entry.id:0<10}"[:10])
+    models.load()
+    for model, expected in ((None, "builtin"), ("beta", "beta")):
+        request = GenerationRequest(prompt="p", width=8, height=8, steps=2, seed=1, model=model)
+        outcome = JobRun("job", request, pace=Pace()).run(models, model="unused")
+        assert isinstance(outcome, Completed)
+        recipe = read_recipe(outcome.result.images[0].png)
+        assert (recipe["model"], recipe["modelHash"]) == (expected, f"{expected:0<10}")
