@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from diffusiond.backends.builtin_model import ensure_builtin_model
+from diffusiond.client import Client
 from diffusiond.testing.deployment import Deployment, start_api, start_redis, start_worker
 from diffusiond.testing.waits import eventually
 from tests.support.model_dir import UNET_WEIGHTS, two_model_dir
@@ -112,6 +113,27 @@ def test_the_models_dir_is_listed_with_the_builtin_model_as_default(
     assert {entry["architecture"] for entry in listed.values()} == {"sd1"}
     assert [i for i, entry in listed.items() if entry["default"]] == ["builtin"]
     assert all("path" not in entry for entry in listed.values())  # no key, no paths
+
+
+def test_the_client_and_the_cli_list_the_models(one_loaded: ServerProcess) -> None:
+    with Client(one_loaded.url) as client:
+        listed = client.models()
+    assert [(m.id, m.format, m.default) for m in listed] == [
+        ("builtin", "builtin", True),
+        ("alpha", "diffusers", False),
+        ("beta", "safetensors", False),
+    ]
+    finished = subprocess.run(
+        [sys.executable, "-m", "diffusiond", "models", "--json", "--server", one_loaded.url],
+        capture_output=True,
+        text=True,
+        env=server_env(),
+        cwd=REPO_ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert [entry["id"] for entry in json.loads(finished.stdout)] == ["builtin", "alpha", "beta"]
 
 
 def test_switching_models_per_request_and_back_gives_the_same_bytes(

@@ -7,7 +7,6 @@ import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -25,7 +24,7 @@ from diffusiond.api.events import JobEvents, JobFeed, last_event_id, wait_prefer
 from diffusiond.api.health import check_ready, health_body
 from diffusiond.api.idempotency import IdempotencyKeys, check_idempotency_key
 from diffusiond.api.limits import StreamSlots
-from diffusiond.api.model_list import models_body
+from diffusiond.api.model_list import models_body, plugin_models_body
 from diffusiond.api.openapi import openapi_document
 from diffusiond.api.params import read_uint, shown
 from diffusiond.api.ports import JobRunner, JobSource, ModelDirectory, Offload
@@ -42,7 +41,6 @@ from diffusiond.api.security import (
     SameSiteMiddleware,
     carries_key,
 )
-from diffusiond.backends.base import BackendInfo
 from diffusiond.errors import (
     DiffusiondError,
     InvalidRequest,
@@ -305,7 +303,7 @@ class _Endpoints:
         with_paths = api_key is not None and carries_key(request.headers, api_key)
         info = await self._offload(self._engine.info)
         if self._models is None:
-            body = _plugin_models(info)
+            body = plugin_models_body(info)
         else:  # a rescan of the models dir: off the event loop
             body = await asyncio.to_thread(
                 models_body, self._models, info.models, with_paths=with_paths
@@ -325,18 +323,6 @@ class _Endpoints:
             full=full,
         )
         return _json(dump(body))
-
-
-def _plugin_models(info: BackendInfo) -> dict[str, object]:
-    """A plugin backend's one model, which every request goes to whatever it names."""
-    model = {
-        "id": PurePath(info.model).name,
-        "architecture": info.architecture,
-        "format": "plugin",
-        "loaded": True,
-        "default": True,
-    }
-    return {"models": [model]}
 
 
 def create_app(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from pathlib import PurePath
 
 from diffusiond.api.ports import ModelDirectory
+from diffusiond.backends.base import BackendInfo
 
 
 def models_body(
@@ -25,3 +27,15 @@ def models_body(
             item["path"] = str(entry.path) if entry.path is not None else None
         listed.append(item)
     return {"models": listed}
+
+
+def plugin_models_body(info: BackendInfo) -> dict[str, object]:
+    """A plugin backend's one model, which every request goes to whatever it names."""
+    model = {
+        "id": PurePath(info.model).name,
+        "architecture": info.architecture,
+        "format": "plugin",
+        "loaded": True,
+        "default": True,
+    }
+    return {"models": [model]}
