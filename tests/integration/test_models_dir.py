@@ -281,3 +281,24 @@ def test_broker_mode_runs_a_job_naming_another_model_on_a_worker(
     finally:
         failures = cluster.stop()
     assert failures == [], "\n".join(failures)
+
+
+def test_the_automatic1111_api_lists_the_models_and_draws_with_the_one_named(
+    one_loaded: ServerProcess, models_dir: Path
+) -> None:
+    with one_loaded.client() as http:
+        listed = http.get("/sdapi/v1/sd-models").json()
+        assert [entry["model_name"] for entry in listed] == ["builtin", "alpha", "beta"]
+        beta_title = listed[2]["title"]
+        body = {"prompt": "a red door", "width": 64, "height": 64, "steps": 3, "seed": 5}
+        body["override_settings"] = {"sd_model_checkpoint": beta_title}
+        response = http.post("/sdapi/v1/txt2img", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+    png = base64.b64decode(answer["images"][0])
+    recipe = json.loads(_recipe_text(png))
+    assert (recipe["model"], recipe["modelHash"]) == (
+        "beta",
+        short_hash(models_dir / "beta.safetensors"),
+    )
+    assert json.loads(answer["info"])["sd_model_name"] == "beta"

@@ -351,7 +351,7 @@ def create_app(
         Route("/v1/models", endpoints.models, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
-        a1111_mount(registry, engine, events, config),  # /sdapi/v1: docs/API.md
+        a1111_mount(registry, engine, events, config, models),  # /sdapi/v1: docs/API.md
         *web_routes(),
     ]
     # Outermost: a request for a foreign Host or from a foreign Origin goes no further.

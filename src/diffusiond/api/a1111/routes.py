@@ -28,6 +28,7 @@ from starlette.routing import Mount, Route
 
 from diffusiond.api.a1111.names import (
     Checkpoint,
+    catalog_checkpoint,
     map_checkpoint,
     samplers_available,
     schedulers_available,
@@ -54,7 +55,7 @@ from diffusiond.api.a1111.transport import (
     watch_hang_up,
 )
 from diffusiond.api.events import JobEvents
-from diffusiond.api.ports import JobRunner, JobSource, Offload
+from diffusiond.api.ports import JobRunner, JobSource, ModelDirectory, Offload
 from diffusiond.errors import AlreadyTerminal, DiffusiondError, InvalidRequest, NotFound, ServerBusy
 from diffusiond.jobs.models import (
     SAMPLERS,
@@ -126,6 +127,7 @@ class A1111Api:
         max_body_bytes: int,
         wait_limit_s: float = WAIT_LIMIT_S,
         loras: Callable[[], list[str]] = list,
+        models: ModelDirectory | None = None,
     ) -> None:
         self._registry = registry
         self._engine = engine
@@ -135,6 +137,7 @@ class A1111Api:
         self._max_body_bytes = max_body_bytes
         self._wait_limit_s = wait_limit_s
         self._loras = loras
+        self._models = models
         self._offload = Offload(registry, engine)
         self._calls: list[Running] = []  # in arrival order
         self._default: Checkpoint | None = None  # POST /options sd_model_checkpoint
@@ -142,8 +145,14 @@ class A1111Api:
     # -- the model catalog -----------------------------------------------------------------
 
     async def _checkpoints(self) -> list[Checkpoint]:
-        info = await self._offload(self._engine.info)
-        return [builtin_checkpoint(info.model)]
+        if self._models is None:  # a plugin backend: its one model
+            info = await self._offload(self._engine.info)
+            return [builtin_checkpoint(info.model)]
+        directory = self._models
+        entries = await asyncio.to_thread(directory.entries)  # rescans the models dir
+        default_id = directory.default_id
+        entries.sort(key=lambda entry: entry.id != default_id)  # the default first
+        return [catalog_checkpoint(entry, default_id) for entry in entries]
 
     async def _limits(self) -> Limits:
         checkpoints = await self._checkpoints()
@@ -373,9 +382,13 @@ def a1111_app(api: A1111Api) -> Starlette:
 
 
 def a1111_mount(
-    registry: JobSource, engine: JobRunner, events: JobEvents, config: ApiConfig
+    registry: JobSource,
+    engine: JobRunner,
+    events: JobEvents,
+    config: ApiConfig,
+    models: ModelDirectory | None = None,
 ) -> Mount:
-    """/sdapi/v1 for the app of api/app.py, with its limits."""
+    """/sdapi/v1 for the app of api/app.py, with its limits; `sd-models` lists `models`."""
     api = A1111Api(
         registry,
         engine,
@@ -383,5 +396,6 @@ def a1111_mount(
         max_batch=config.max_batch,
         max_pixels=config.max_pixels,
         max_body_bytes=config.max_body_bytes,
+        models=models,
     )
     return Mount(PREFIX, app=a1111_app(api))
