@@ -105,8 +105,10 @@ def test_the_default_is_an_id_or_a_path_inside_or_outside_the_dir(
     assert found is not None
     assert found.path == outside
     assert "elsewhere" in [entry.id for entry in catalog.entries()]
-    with pytest.raises(ModelLoadError, match="neither a path"):
+    with pytest.raises(ModelLoadError, match=r"no model of the models dir has this id \(ids: "):
         ModelCatalog(models_dir, default=Path("nowhere"))
+    with pytest.raises(ModelLoadError, match="model path /no/such does not exist"):
+        ModelCatalog(models_dir, default=Path("/no/such"))
 
 
 def test_an_unknown_id_is_refused_naming_the_field_and_the_ids(models_dir: Path) -> None:

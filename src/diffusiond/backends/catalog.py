@@ -241,9 +241,11 @@ class ModelCatalog:
         name = str(default)
         if name in self._entries:
             return name
+        if len(default.parts) > 1:  # a path, not an id
+            raise ModelLoadError(f"model path {default} does not exist")
         raise ModelLoadError(
-            f"--model {default} is neither a path that exists nor a model id of the models dir "
-            f"(ids: {', '.join(self._entries)})"
+            f"--model {name}: no model of the models dir has this id (ids: "
+            f"{', '.join(self._entries)}), and as a path it does not exist"
         )
 
 
