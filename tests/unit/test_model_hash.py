@@ -56,7 +56,7 @@ def test_the_recipe_writes_the_hash_where_automatic1111_does() -> None:
     from diffusiond.engine.batch import image_recipe
 
     spec = ImageSpec("p", "", 64, 64, 3, 7.0, 9, "euler", model="alpha")
-    with_hash = image_recipe(spec, "alpha", "0123456789")
+    with_hash = image_recipe(spec, "alpha", "sd1", model_hash="0123456789")
     assert "Size: 64x64, Model hash: 0123456789, Model: alpha, Version" in with_hash["parameters"]
     assert '"modelHash":"0123456789"' in with_hash["diffusiond"]
     without = image_recipe(spec, "alpha")

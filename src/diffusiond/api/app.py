@@ -49,6 +49,7 @@ from diffusiond.errors import (
     PayloadTooLarge,
 )
 from diffusiond.jobs.models import GenerationRequest, Job, JobStatus
+from diffusiond.sampling import samplers_body
 from diffusiond.web import web_routes
 
 if TYPE_CHECKING:
@@ -311,6 +312,9 @@ class _Endpoints:
             )
         return _json(dump(body))
 
+    async def samplers(self, _request: Request) -> Response:
+        return _json(dump(samplers_body()))
+
     async def health(self, request: Request) -> Response:
         api_key = self._config.api_key
         full = api_key is None or carries_key(request.headers, api_key)
@@ -349,9 +353,18 @@ def create_app(
         Route("/v1/images/generations/{id}/events", endpoints.events, methods=["GET"]),
         Route("/v1/images/generations/{id}/images/{index}", endpoints.image, methods=["GET"]),
         Route("/v1/models", endpoints.models, methods=["GET"]),
+        Route("/v1/samplers", endpoints.samplers, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
-        a1111_mount(registry, engine, events, config, models),  # /sdapi/v1: docs/API.md
+        a1111_mount(  # /sdapi/v1: docs/API.md
+            registry,
+            engine,
+            events,
+            max_batch=config.max_batch,
+            max_pixels=config.max_pixels,
+            max_body_bytes=config.max_body_bytes,
+            models=models,
+        ),
         *web_routes(),
     ]
     # Outermost: a request for a foreign Host or from a foreign Origin goes no further.

@@ -48,16 +48,18 @@ class BackendInfo:
     model: str
     device: str
     dtype: str
-    architecture: str = "unknown"  # sd1, sd2, sdxl
+    architecture: str = "unknown"  # sd1, sd2, sdxl, or a flow family (families.py)
     models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ModelLabel:
-    """How a PNG's recipe names the model that drew it: its catalog id and short hash."""
+    """How a PNG's recipe names the model that drew it: its catalog id, short hash and
+    architecture."""
 
     id: str
     hash: str | None = None
+    architecture: str = "unknown"
 
 
 class GenerationCancelled(Exception):

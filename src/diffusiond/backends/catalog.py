@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffusiond.backends.families import family_for_pipeline
 from diffusiond.errors import InvalidRequest, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class ModelEntry:
 
     id: str
     format: str  # one of FORMATS
-    architecture: str  # sd1, sd2, sdxl, or unknown; the families branch adds others
+    architecture: str  # sd1, sd2, sdxl, a flow family's name (families.py), or unknown
     path: Path | None
 
 
@@ -89,6 +90,9 @@ def folder_entry_architecture(path: Path) -> str:
     class_name = str(index.get("_class_name", "")) if isinstance(index, dict) else ""
     if class_name.startswith("StableDiffusionXL"):
         return "sdxl"
+    family = family_for_pipeline(class_name)
+    if family is not None:
+        return family.name
     if not class_name.startswith("StableDiffusion"):
         return "unknown"
     try:

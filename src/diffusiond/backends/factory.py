@@ -16,22 +16,11 @@ def model_catalog(settings: Settings) -> ModelCatalog:
 
 
 def backend_for_model(entry: ModelEntry, settings: Settings) -> Backend:
-    """One model's backend, not loaded yet: what the model set builds for each model.
+    """One model's backend, not loaded yet: what the model set builds for each model (the
+    family of a diffusers folder picks it: backends/dispatch.py)."""
+    from diffusiond.backends.dispatch import backend_for_model_path
 
-    The one place that says which backend draws which model; a model family with its own
-    backend is chosen here, from the entry's path.
-    """
-    from diffusiond.backends.diffusers_backend import DiffusersBackend
-
-    return DiffusersBackend(
-        model_path=entry.path,
-        home=settings.home,
-        device=settings.device,
-        torch_threads=settings.torch_threads,
-        dtype=settings.dtype,
-        model_config=settings.model_config,
-        compile_model=settings.compile,
-    )
+    return backend_for_model_path(entry.path, settings)
 
 
 def make_backend(settings: Settings) -> Backend:
@@ -43,13 +32,12 @@ def make_backend(settings: Settings) -> Backend:
     """
     if settings.backend == "diffusers":
         from diffusiond.backends.builtin_model import ensure_builtin_model
-        from diffusiond.backends.diffusers_backend import check_model_path
         from diffusiond.backends.model_set import ModelSet, hasher_in
 
         catalog = model_catalog(settings)
         default = catalog.find(None)
-        if default is not None and default.path is not None:
-            check_model_path(default.path)
+        if default is not None:
+            backend_for_model(default, settings)  # fails fast, naming a bad --model path
         home = settings.home
         return ModelSet(
             catalog,

@@ -84,6 +84,7 @@ class ModelSet:
         self._changed = threading.Condition()
         self._slots: OrderedDict[str, _Slot] = OrderedDict()  # least recently used first
         self._hashes: dict[str, str | None] = {}
+        self._architectures: dict[str, str] = {}  # as each model's backend reports it loaded
         self._default_info: BackendInfo | None = None
         self.last_switch_s: float | None = None  # the latest load's seconds, for benchmarks
 
@@ -107,7 +108,8 @@ class ModelSet:
 
     def model_label(self, model: str | None) -> ModelLabel:
         model_id = self._catalog.default_id if model is None else model
-        return ModelLabel(model_id, self._hashes.get(model_id))
+        architecture = self._architectures.get(model_id, "unknown")
+        return ModelLabel(model_id, self._hashes.get(model_id), architecture)
 
     def generate(
         self,
@@ -211,6 +213,7 @@ class ModelSet:
         backend.load()
         if model_id not in self._hashes:
             self._hashes[model_id] = self._hash_of(entry)
+        self._architectures[model_id] = backend.info().architecture
         self.last_switch_s = time.monotonic() - started
         log.info("model %s loaded in %.2f s", model_id, self.last_switch_s)
         return backend

@@ -23,6 +23,7 @@ from diffusiond.client.models import (
     Health,
     ModelInfo,
     Progress,
+    Samplers,
     safe_id,
 )
 from diffusiond.client.png import png_input_hashes, png_parameters
@@ -45,6 +46,7 @@ __all__ = [
     "ModelInfo",
     "NotFoundError",
     "Progress",
+    "Samplers",
     "ServerBusyError",
     "ServerError",
     "ServerNotReadyError",

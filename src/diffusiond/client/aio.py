@@ -14,7 +14,7 @@ import httpx
 from diffusiond.client import _protocol as proto
 from diffusiond.client.errors import ServerBusyError
 from diffusiond.client.inputs import ImageInput
-from diffusiond.client.models import GeneratedImage, Generation, Health, ModelInfo
+from diffusiond.client.models import GeneratedImage, Generation, Health, ModelInfo, Samplers
 
 
 class AsyncClient:
@@ -134,6 +134,10 @@ class AsyncClient:
         """The models the server can draw with (GET /v1/models); `model=` takes an id."""
         body = await self._call("GET", "/v1/models")
         return [ModelInfo.from_wire(item) for item in body["models"]]
+
+    async def samplers(self) -> Samplers:
+        """The sampler and scheduler names the server takes (GET /v1/samplers)."""
+        return Samplers.from_wire(await self._call("GET", "/v1/samplers"))
 
     async def image_png(self, generation_id: str, index: int = 0) -> bytes:
         """The PNG bytes of image `index` (0-based) of a complete generation."""

@@ -120,10 +120,13 @@ def classify_error(exc: BaseException) -> ErrorCode:
     return ErrorCode.UNKNOWN_ERROR
 
 
-def image_recipe(spec: ImageSpec, model: str, model_hash: str | None = None) -> dict[str, str]:
-    """The PNG text chunks that let one image be made again: its parameters and model (id,
-    and the short hash of its weights where known), and for an edit its mode, strength, mask
-    blur and the SHA-256 of the images it was given."""
+def image_recipe(
+    spec: ImageSpec, model: str, architecture: str = "unknown", *, model_hash: str | None = None
+) -> dict[str, str]:
+    """The PNG text chunks that let one image be made again: its parameters, model (id, and
+    the short hash of its weights where known) and the model's family (`architecture`, as
+    /health says it), and for an edit its mode, strength, mask blur and the SHA-256 of the
+    images it was given."""
     recipe: dict[str, object] = {
         "prompt": spec.prompt,
         "negativePrompt": spec.negative_prompt,
@@ -135,6 +138,7 @@ def image_recipe(spec: ImageSpec, model: str, model_hash: str | None = None) -> 
         "sampler": spec.sampler,
         "scheduler": spec.scheduler,
         "model": model,
+        "architecture": architecture,
         **({"modelHash": model_hash} if model_hash is not None else {}),
         "version": __version__,
         "mode": "txt2img",

@@ -250,14 +250,16 @@ class JobRun:
         """Draw the batch; the outcome, never an exception from the generation itself."""
         self.mark_started()
 
+        architecture = backend.info().architecture
+
         def recipe(spec: ImageSpec) -> dict[str, str]:
             # A model set names the model the spec went to; a plugin backend draws one model.
             label = (
                 backend.model_label(spec.model)
                 if isinstance(backend, LabelsModels)
-                else ModelLabel(model)
+                else ModelLabel(model, architecture=architecture)
             )
-            return image_recipe(spec, label.id, label.hash)
+            return image_recipe(spec, label.id, label.architecture, model_hash=label.hash)
 
         try:
             images, timings = run_batch(
