@@ -40,6 +40,9 @@ from diffusiond.api.security import (
     SameSiteMiddleware,
     carries_key,
 )
+from diffusiond.compat.openai.errors import unauthorized as openai_unauthorized
+from diffusiond.compat.openai.routes import PREFIX as OPENAI_PREFIX
+from diffusiond.compat.openai.routes import OpenAILimits, openai_routes
 from diffusiond.errors import (
     DiffusiondError,
     InvalidRequest,
@@ -326,6 +329,14 @@ def create_app(
         Route("/v1/images/generations/{id}/images/{index}", endpoints.image, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
+        *openai_routes(
+            registry,
+            engine,
+            events,
+            OpenAILimits(
+                config.max_batch, config.max_pixels, config.max_body_bytes, config.heartbeat_s
+            ),
+        ),
         *web_routes(),
     ]
     # Outermost: a request for a foreign Host or from a foreign Origin goes no further.
@@ -359,7 +370,13 @@ def create_app(
             )
         )
     if config.api_key is not None:
-        middleware.append(Middleware(BearerKeyMiddleware, api_key=config.api_key))
+        middleware.append(
+            Middleware(
+                BearerKeyMiddleware,
+                api_key=config.api_key,
+                dialects={f"{OPENAI_PREFIX}/": openai_unauthorized},
+            )
+        )
     return Starlette(
         routes=routes,
         middleware=middleware,
