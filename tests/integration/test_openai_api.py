@@ -236,7 +236,7 @@ def test_bad_input_is_a_400_naming_the_param(
 def test_bad_edit_files_are_a_400_naming_the_param(images: openai.OpenAI) -> None:
     gif = io.BytesIO()
     INIT.save(gif, format="GIF")
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"image": ("a.gif", gif.getvalue(), "image/gif")}, "image"),
         (
             {

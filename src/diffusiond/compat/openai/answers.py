@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import orjson
 
@@ -114,5 +114,5 @@ def completed_event(
     return body
 
 
-def sse(name: str, payload: dict[str, object]) -> bytes:
+def sse(name: str, payload: Mapping[str, object]) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps(payload))

@@ -46,9 +46,12 @@ _DOMAIN: dict[type[DiffusiondError], tuple[int, str, str]] = {
 }
 
 
+ErrorBody = dict[str, dict[str, object]]
+
+
 def error_body(
     message: str, error_type: str, param: str | None = None, code: str | None = None
-) -> dict[str, object]:
+) -> ErrorBody:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
@@ -76,7 +79,7 @@ def unauthorized(message: str) -> Response:
     )
 
 
-def domain_error_parts(exc: DiffusiondError) -> tuple[int, dict[str, object], dict[str, str]]:
+def domain_error_parts(exc: DiffusiondError) -> tuple[int, ErrorBody, dict[str, str]]:
     """Status, body and headers for a domain error."""
     status, error_type, code = 500, SERVER, "internal_error"
     for cls in type(exc).__mro__:
@@ -100,7 +103,7 @@ def domain_error(exc: DiffusiondError) -> Response:
     return Response(orjson.dumps(body), status, headers=headers, media_type="application/json")
 
 
-def job_error_body(job: Job) -> tuple[int, dict[str, object]]:
+def job_error_body(job: Job) -> tuple[int, ErrorBody]:
     """What a job that did not complete answers: 500 with its error, or 409 cancelled."""
     if job.status is JobStatus.CANCELLED:
         message = f"generation {job.id} was cancelled before it finished"
