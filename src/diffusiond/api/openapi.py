@@ -6,6 +6,7 @@ from typing import Any
 
 from diffusiond import __version__
 from diffusiond.api.schemas import MAX_SEED, MAX_TEXT_CHARS
+from diffusiond.compat.openai.openapi import openai_paths, openai_schemas
 from diffusiond.jobs.models import SAMPLERS
 
 
@@ -372,11 +373,12 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
             },
         },
     }
+    paths |= openai_paths(unauthorized)  # the OpenAI Images API, /openai/v1
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "diffusiond", "version": __version__},
         "paths": paths,
-        "components": {"schemas": _schemas(max_batch)},
+        "components": {"schemas": _schemas(max_batch) | openai_schemas(max_batch)},
     }
     if secured:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

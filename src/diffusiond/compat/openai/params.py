@@ -150,12 +150,13 @@ def read_common(fields: Fields, *, max_batch: int, max_pixels: int) -> Common:
     prompt = fields.text("prompt", required=True)
     quality = fields.choice("quality", tuple(QUALITY_STEPS), "auto")
     stream = fields.boolean("stream")
+    partial_images = fields.integer("partial_images", 0, MAX_PARTIAL_IMAGES, 0)
     answer = AnswerOptions(
         response_format=fields.choice("response_format", RESPONSE_FORMATS, "b64_json"),
         output_format=fields.choice("output_format", OUTPUT_FORMATS, "png"),
         compression=fields.integer("output_compression", 0, 100, DEFAULT_COMPRESSION),
         stream=stream,
-        partial_images=fields.integer("partial_images", 0, MAX_PARTIAL_IMAGES, 0) if stream else 0,
+        partial_images=partial_images if stream else 0,
         quality=quality,
         background=fields.choice("background", IGNORED_CHOICES["background"], "auto"),
     )

@@ -28,7 +28,13 @@ from diffusiond.api.events import JobEvents
 from diffusiond.api.params import shown
 from diffusiond.api.ports import JobRunner, JobSource, Offload
 from diffusiond.compat.openai import answers
-from diffusiond.compat.openai.errors import answers_in_openai_shape, job_error, job_error_body
+from diffusiond.compat.openai.errors import (
+    INVALID,
+    answers_in_openai_shape,
+    error_response,
+    job_error,
+    job_error_body,
+)
 from diffusiond.compat.openai.models import model_body, model_list_body, served_model_id
 from diffusiond.compat.openai.multipart import parse_form, read_body
 from diffusiond.compat.openai.params import size_text
@@ -37,6 +43,12 @@ from diffusiond.errors import AlreadyTerminal, InvalidRequest, NotFound
 from diffusiond.jobs.models import Job, JobStatus, Preview
 
 PREFIX = "/openai/v1"
+_METHODS = {
+    f"{PREFIX}/images/generations": ("POST",),
+    f"{PREFIX}/images/edits": ("POST",),
+    f"{PREFIX}/models": ("GET",),
+}
+MODEL_PATHS = f"{PREFIX}/models/"
 MAX_JSON_BYTES = 64 * 1024
 KEEP_ALIVE = b": keep-alive\n\n"
 CLIENT_GONE = 499  # what a request whose client hung up is logged with (nobody reads it)
@@ -158,6 +170,16 @@ class OpenAIImages:
         return _json(model_body(model_id, self._created))
 
     async def unknown(self, request: Request) -> Response:
+        path = request.url.path
+        allowed = _METHODS.get(path) or (("GET",) if path.startswith(MODEL_PATHS) else None)
+        if allowed is not None:
+            return error_response(
+                405,
+                f"{request.method} is not allowed on {path}: {', '.join(allowed)} is",
+                INVALID,
+                code="method_not_allowed",
+                headers={"Allow": ", ".join(allowed)},
+            )
         raise NotFound(
             f"no endpoint {request.method} {request.url.path}: this server offers POST "
             f"{PREFIX}/images/generations, POST {PREFIX}/images/edits and GET {PREFIX}/models"
