@@ -23,6 +23,7 @@ from PIL import Image
 from diffusiond.imaging import read_recipe
 from diffusiond.testing.waits import eventually
 from tests.integration.test_editing import HOLE, assert_kept_exactly, noise
+from tests.support.broker import deploy
 from tests.support.server import (
     ServerProcess,
     poll_until,
@@ -350,3 +351,36 @@ def test_a_streaming_client_that_hangs_up_has_its_job_cancelled(
         assert r.headers["content-type"].startswith("text/event-stream")
         job_id = running_job(client)
     assert_ends_cancelled(client, job_id)
+
+
+def test_the_openai_routes_run_ordinary_jobs_in_broker_mode(
+    model_home: Path, tmp_path: Path
+) -> None:
+    broker = deploy(model_home, tmp_path, workers=1, apis=1)
+    try:
+        api = broker.apis[0]
+        with sdk(api) as ai, api.client() as client:
+            events = list(
+                ai.images.generate(
+                    prompt="a harbour", n=2, size="64x64", quality="low", stream=True
+                )
+            )
+            assert [event.type for event in events] == ["image_generation.completed"] * 2
+            assert newest_job(client)["status"] == "complete"
+            with (
+                httpx.Client(base_url=api.url, timeout=30) as http,
+                http.stream(
+                    "POST",
+                    "/openai/v1/images/generations",
+                    json={
+                        "prompt": "gone",
+                        "size": LONG_SIZE,
+                        "quality": LONG_QUALITY,
+                        "stream": True,
+                    },
+                ),
+            ):
+                job_id = running_job(client)
+            assert_ends_cancelled(client, job_id)
+    finally:
+        assert broker.stop() == []
