@@ -50,6 +50,17 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def parse_lora(text: str) -> tuple[str, float]:
+    """'detail:0.8' -> ("detail", 0.8); a bare name has weight 1."""
+    name, sep, weight = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        return name, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora must look like name:0.8, got {text!r}") from None
+
+
 def add_client_commands(commands: Any) -> None:
     generate = commands.add_parser("generate", help="generate images and save them as PNGs")
     generate.add_argument("prompt", nargs="?", help="what to draw (or take it from --from-png)")
@@ -60,6 +71,16 @@ def add_client_commands(commands: Any) -> None:
     generate.add_argument("--cfg", type=float, help="guidance scale (7.5)")
     generate.add_argument("--sampler", help="sampler (euler_a)")
     generate.add_argument("--negative", default=None, help="negative prompt")
+    generate.add_argument("--model", help="a model id of `diffusiond models` (the default)")
+    generate.add_argument(
+        "--lora",
+        action="append",
+        type=parse_lora,
+        metavar="NAME[:WEIGHT]",
+        help="apply a LoRA at WEIGHT (1); repeatable",
+    )
+    generate.add_argument("--scheduler", help="noise schedule: discrete, karras, ... (discrete)")
+    generate.add_argument("--clip-skip", type=int, help="CLIP layers to skip, 1..12 (1: none)")
     generate.add_argument(
         "--from-png",
         type=Path,
@@ -211,6 +232,10 @@ def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
         "mask_image": args.mask,
         "strength": args.strength,
         "mask_blur": args.mask_blur,
+        "model": args.model,
+        "loras": args.lora,
+        "scheduler": args.scheduler,
+        "clip_skip": args.clip_skip,
     }
     params |= {name: value for name, value in given.items() if value is not None}
     for name, flag in _INPUT_FLAGS.items():

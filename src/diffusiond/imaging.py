@@ -63,7 +63,15 @@ def recipe_text(recipe: Mapping[str, Any]) -> dict[str, str]:
         f"Seed: {recipe['seed']}, Size: {recipe['width']}x{recipe['height']}, "
         f"Model: {recipe['model']}, Version: diffusiond {recipe['version']}"
     )
-    if "strength" in recipe:  # the names AUTOMATIC1111 writes for the same settings
+    # the names AUTOMATIC1111 writes for the same settings
+    if recipe.get("scheduler", "discrete") != "discrete":
+        line += f", Schedule type: {recipe['scheduler']}"
+    if "clipSkip" in recipe:
+        line += f", Clip skip: {recipe['clipSkip']}"
+    if recipe.get("loras"):
+        shown = ", ".join(f"{lora['name']}: {lora['weight']}" for lora in recipe["loras"])
+        line += f', Lora weights: "{shown}"'
+    if "strength" in recipe:
         line += f", Denoising strength: {recipe['strength']}"
     if "maskBlur" in recipe:
         line += f", Mask blur: {recipe['maskBlur']}"

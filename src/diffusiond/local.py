@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -12,7 +13,6 @@ from diffusiond.api.schemas import parse_generation_request
 from diffusiond.backends.factory import make_backend
 from diffusiond.client._protocol import GenerationParams
 from diffusiond.client.errors import GenerationFailedError
-from diffusiond.client.inputs import ImageInput
 from diffusiond.client.models import GeneratedImage, Progress
 from diffusiond.engine.run import Completed, Failed, JobRun, Pace, load_backend, model_name
 from diffusiond.jobs import models
@@ -22,43 +22,18 @@ from diffusiond.settings import load_settings
 def generate_locally(
     *,
     prompt: str,
-    negative_prompt: str | None,
-    width: int | None,
-    height: int | None,
-    steps: int,
-    cfg_scale: float,
-    seed: int | None,
-    sampler: str,
-    count: int,
     on_progress: Callable[[Progress], object],
     backend: str | None = None,
-    init_image: ImageInput | None = None,
-    mask_image: ImageInput | None = None,
-    strength: float | None = None,
-    mask_blur: int | None = None,
+    **params: Any,
 ) -> tuple[str, list[GeneratedImage]]:
     """Validate like the server, draw with the configured backend and model (the run core of
     diffusiond.engine.run, as a server would), return (run id, images).
 
-    `backend` is --backend (a flag wins over DIFFUSIOND_BACKEND). Raises
-    `GenerationFailedError` when the generation fails.
+    `params` are `Client.generate`'s keyword arguments. `backend` is --backend (a flag wins
+    over DIFFUSIOND_BACKEND). Raises `GenerationFailedError` when the generation fails.
     """
     settings = load_settings(os.environ, {"backend": backend})
-    body = GenerationParams(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        width=width,
-        height=height,
-        steps=steps,
-        cfg_scale=cfg_scale,
-        seed=seed,
-        sampler=sampler,
-        count=count,
-        init_image=init_image,
-        mask_image=mask_image,
-        strength=strength,
-        mask_blur=mask_blur,
-    ).to_wire()
+    body = GenerationParams(prompt=prompt, **params).to_wire()
     request = parse_generation_request(
         orjson.dumps(body), max_batch=settings.max_batch, max_pixels=settings.max_pixels
     )

@@ -43,6 +43,9 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     model_config: Path | None = None
+    models_dir: Path | None = None  # every model folder / checkpoint file in it is a model
+    loras_dir: Path | None = None  # None: models_dir/loras
+    max_loaded_models: int = 1
     compile: bool = False  # torch.compile the UNet and VAE decoder (slow first job)
     backend: str = "diffusers"
     home: Path = field(default_factory=default_home)
@@ -242,6 +245,31 @@ OPTIONS: tuple[Option, ...] = (
         "a diffusers config folder describing a single-file checkpoint (default: the config "
         "shipped for the architecture detected from its keys)",
         shown_default="the shipped config",
+    ),
+    Option(
+        "models_dir",
+        "--models-dir",
+        "DIFFUSIOND_MODELS_DIR",
+        _path,
+        "a folder of models: each diffusers folder and single-file checkpoint directly in it "
+        "is a model, its id the folder name or file stem (the built-in model is `builtin`)",
+        shown_default="none",
+    ),
+    Option(
+        "loras_dir",
+        "--loras-dir",
+        "DIFFUSIOND_LORAS_DIR",
+        _path,
+        "a folder of LoRA files (.safetensors), each named by its file stem",
+        shown_default="MODELS_DIR/loras",
+    ),
+    Option(
+        "max_loaded_models",
+        "--max-loaded-models",
+        "DIFFUSIOND_MAX_LOADED_MODELS",
+        _integer(1, 16),
+        "models kept loaded at once; a request for another unloads the least recently used",
+        aliases=("IMAGE_MAX_LOADED_MODELS",),
     ),
     Option(
         "device",

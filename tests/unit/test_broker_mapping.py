@@ -20,6 +20,7 @@ from diffusiond.jobs.models import (
     GenerationRequest,
     JobError,
     JobStatus,
+    LoraWeight,
     Preview,
     Progress,
     Result,
@@ -27,7 +28,10 @@ from diffusiond.jobs.models import (
     StageTimings,
 )
 
-REQUEST = GenerationRequest(prompt="a boat", width=64, height=64, steps=3, seed=5, count=2)
+REQUEST = GenerationRequest(
+    prompt="a boat", width=64, height=64, steps=3, seed=5, count=2, model="other",
+    loras=(LoraWeight("detail", 0.5),), scheduler="exponential", clip_skip=3,
+)  # fmt: skip
 
 
 def saq_job(status: Status, **fields: object) -> SaqJob:

@@ -94,6 +94,25 @@ def test_recipe_round_trips_through_png_text() -> None:
     assert text["parameters"].startswith("a café, at night\nSteps: 3, Sampler: ddim")
 
 
+def test_recipe_names_scheduler_clip_skip_and_loras_and_the_client_reads_them() -> None:
+    from diffusiond.backends.base import ImageSpec
+    from diffusiond.client import png_parameters
+    from diffusiond.engine.batch import image_recipe
+    from diffusiond.jobs.models import LoraWeight
+
+    spec = ImageSpec(
+        "p", "", 64, 64, 3, 7.0, 9, "euler", model="other", scheduler="karras", clip_skip=2,
+        loras=(LoraWeight("detail", 0.8),),
+    )  # fmt: skip
+    png = encode_png(Image.new("RGB", (4, 4)), image_recipe(spec, "other"))
+    line = Image.open(io.BytesIO(png)).text["parameters"]  # type: ignore[attr-defined]
+    assert "Schedule type: karras, Clip skip: 2" in line
+    assert 'Lora weights: "detail: 0.8"' in line
+    params = png_parameters(png)
+    assert (params["model"], params["scheduler"], params["clip_skip"]) == ("other", "karras", 2)
+    assert params["loras"] == [("detail", 0.8)]
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [

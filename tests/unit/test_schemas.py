@@ -9,10 +9,12 @@ from diffusiond.api.schemas import job_body, parse_generation_request, parse_lis
 from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import (
     SAMPLERS,
+    SCHEDULERS,
     GeneratedImage,
     GenerationRequest,
     Job,
     JobStatus,
+    LoraWeight,
     Progress,
     Result,
     Stage,
@@ -54,6 +56,27 @@ def test_every_field_read_from_camel_case() -> None:
     assert request == GenerationRequest("p", "n", 64, 2048, 150, 30.0, 4294967295, "lcm", 5)
 
 
+def test_model_loras_scheduler_and_clip_skip() -> None:
+    request = parse(
+        {
+            "prompt": "p",
+            "model": "other",
+            "loras": [{"name": "detail", "weight": -0.5}, {"name": "style"}],
+            "scheduler": "sgm_uniform",
+            "clipSkip": 2,
+        }
+    )
+    assert request.model == "other"
+    assert request.loras == (LoraWeight("detail", -0.5), LoraWeight("style", 1.0))
+    assert (request.scheduler, request.clip_skip) == ("sgm_uniform", 2)
+    assert parse({"prompt": "p"}).loras == ()
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_scheduler_is_accepted(scheduler: str) -> None:
+    assert parse({"prompt": "p", "scheduler": scheduler}).scheduler == scheduler
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler_is_accepted(sampler: str) -> None:
     assert parse({"prompt": "p", "sampler": sampler}).sampler == sampler
@@ -91,6 +114,18 @@ def test_cfg_scale_accepts_integers_and_edges() -> None:
         ({"prompt": "p", "count": 6}, "count", "1 to 5"),
         ({"prompt": "p", "count": 1.0}, "count", "integer"),
         ({"prompt": "p", "count": {"n": 1}}, "count", "integer"),
+        ({"prompt": "p", "model": ""}, "model", "non-empty string"),
+        ({"prompt": "p", "model": 3}, "model", "non-empty string"),
+        ({"prompt": "p", "scheduler": "Karras"}, "scheduler", "karras"),
+        ({"prompt": "p", "clipSkip": 13}, "clipSkip", "1 to 12"),
+        ({"prompt": "p", "clipSkip": 0}, "clipSkip", "1 to 12"),
+        ({"prompt": "p", "loras": {"name": "a"}}, "loras", "an array"),
+        ({"prompt": "p", "loras": ["a"]}, "loras", "entry 0"),
+        ({"prompt": "p", "loras": [{"name": "a", "weight": 5.5}]}, "loras", "-5 to 5"),
+        ({"prompt": "p", "loras": [{"name": "a", "weight": True}]}, "loras", "weight true"),
+        ({"prompt": "p", "loras": [{"name": "a"}, {"name": "a"}]}, "loras", "given twice"),
+        ({"prompt": "p", "loras": [{"name": "a", "scale": 1}]}, "loras", "entry 0"),
+        ({"prompt": "p", "loras": [{"name": str(i)} for i in range(9)]}, "loras", "9 entries"),
     ],
 )
 def test_rules_name_field_and_rule(body: Any, field: str, rule_words: str) -> None:

@@ -147,6 +147,7 @@ CONTRACT_ALIASES = {
     "IMAGE_MAX_RESULT_BYTES": ("max_result_bytes", "0", 0),
     "IMAGE_MAX_JOBS": ("max_jobs", "25", 25),
     "IMAGE_MAX_BODY_BYTES": ("max_body_bytes", "1048576", 1048576),
+    "IMAGE_MAX_LOADED_MODELS": ("max_loaded_models", "3", 3),
     "IMAGE_ALLOWED_HOSTS": ("allowed_hosts", "gpu.lan, .Example.com.", ("gpu.lan", ".example.com")),
 }
 

@@ -18,6 +18,7 @@ from diffusiond.jobs.models import (
     Job,
     JobError,
     JobStatus,
+    LoraWeight,
     Progress,
     Result,
     Stage,
@@ -27,7 +28,9 @@ from diffusiond.jobs.store import MemoryStore, SqliteStore, open_store
 
 REQUEST = GenerationRequest(
     prompt="a lighthouse", negative_prompt="fog", width=128, height=64, steps=7,
-    cfg_scale=4.5, seed=42, sampler="ddim", count=2,
+    cfg_scale=4.5, seed=42, sampler="ddim", count=2, model="other",
+    loras=(LoraWeight("detail", 0.8), LoraWeight("style", -1.5)), scheduler="karras",
+    clip_skip=2,
 )  # fmt: skip
 RESULT = Result(
     images=(

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from diffusiond.api import errors
+from diffusiond.api.a1111.routes import a1111_mount
 from diffusiond.api.bodies import RenderedBodies
 from diffusiond.api.events import JobEvents, JobFeed, last_event_id, wait_preference
 from diffusiond.api.health import check_ready, health_body
@@ -50,6 +51,7 @@ from diffusiond.errors import (
     PayloadTooLarge,
 )
 from diffusiond.jobs.models import GenerationRequest, Job, JobStatus
+from diffusiond.sampling import samplers_body
 from diffusiond.web import web_routes
 
 if TYPE_CHECKING:
@@ -294,6 +296,9 @@ class _Endpoints:
             )
         return _json(self._openapi)
 
+    async def samplers(self, _request: Request) -> Response:
+        return _json(dump(samplers_body()))
+
     async def health(self, request: Request) -> Response:
         api_key = self._config.api_key
         full = api_key is None or carries_key(request.headers, api_key)
@@ -327,6 +332,7 @@ def create_app(
         Route("/v1/images/generations/{id}", endpoints.generation, methods=["GET", "DELETE"]),
         Route("/v1/images/generations/{id}/events", endpoints.events, methods=["GET"]),
         Route("/v1/images/generations/{id}/images/{index}", endpoints.image, methods=["GET"]),
+        Route("/v1/samplers", endpoints.samplers, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
         *openai_routes(
@@ -336,6 +342,14 @@ def create_app(
             OpenAILimits(
                 config.max_batch, config.max_pixels, config.max_body_bytes, config.heartbeat_s
             ),
+        ),
+        a1111_mount(  # /sdapi/v1: docs/API.md
+            registry,
+            engine,
+            events,
+            max_batch=config.max_batch,
+            max_pixels=config.max_pixels,
+            max_body_bytes=config.max_body_bytes,
         ),
         *web_routes(),
     ]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from diffusiond import __version__
-from diffusiond.api.schemas import MAX_SEED, MAX_TEXT_CHARS
+from diffusiond.api.a1111.openapi_paths import a1111_paths
+from diffusiond.api.schemas import MAX_NAME_CHARS, MAX_SEED, MAX_TEXT_CHARS
 from diffusiond.compat.openai.openapi import openai_paths, openai_schemas
-from diffusiond.jobs.models import SAMPLERS
+from diffusiond.jobs.models import LORA_WEIGHT_LIMIT, MAX_LORAS, SAMPLERS, SCHEDULERS
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -42,6 +43,38 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                 "seed": {**nullable_int, "minimum": -1, "maximum": MAX_SEED},
                 "sampler": {"type": ["string", "null"], "enum": [*SAMPLERS, None]},
                 "count": {**nullable_int, "minimum": 1, "maximum": max_batch},
+                "model": {
+                    "type": ["string", "null"],
+                    "minLength": 1,
+                    "maxLength": MAX_NAME_CHARS,
+                    "description": "a model id of GET /v1/models; null: the default model",
+                },
+                "loras": {
+                    "type": ["array", "null"],
+                    "maxItems": MAX_LORAS,
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS},
+                            "weight": {
+                                "type": "number",
+                                "minimum": -LORA_WEIGHT_LIMIT,
+                                "maximum": LORA_WEIGHT_LIMIT,
+                            },
+                        },
+                    },
+                    "description": "LoRAs of GET /v1/loras to apply, each name once",
+                },
+                "scheduler": {
+                    "type": ["string", "null"],
+                    "enum": [*SCHEDULERS, None],
+                    "description": "the noise schedule; karras and exponential not with "
+                    "euler_a, lcm, ddim; sgm_uniform and simple not with dpm++2s_a, lcm "
+                    "(a 400 naming scheduler)",
+                },
+                "clipSkip": {**nullable_int, "minimum": 1, "maximum": 12},
                 "preview": {
                     "type": ["boolean", "null"],
                     "description": "live previews in progress.preview, after every step",
@@ -180,6 +213,17 @@ def _schemas(max_batch: int) -> dict[str, Any]:
             "type": "object",
             "required": ["id", "status"],
             "properties": {"id": {"type": "string"}, "status": {"const": "cancelled"}},
+        },
+        "Samplers": {
+            "type": "object",
+            "required": ["samplers", "schedulers"],
+            "properties": {
+                "samplers": {"type": "array", "items": {"type": "string", "enum": [*SAMPLERS]}},
+                "schedulers": {
+                    "type": "array",
+                    "items": {"type": "string", "enum": [*SCHEDULERS]},
+                },
+            },
         },
         "Health": {
             "type": "object",
@@ -362,6 +406,15 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
                 },
             },
         },
+        "/v1/samplers": {
+            "get": {
+                "operationId": "listSamplers",
+                "responses": {
+                    "200": _json(_ref("Samplers"), "the sampler and scheduler names"),
+                    **unauthorized,
+                },
+            },
+        },
         "/health": {
             "get": {
                 "operationId": "health",
@@ -373,6 +426,7 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
             },
         },
     }
+    paths |= a1111_paths()  # /sdapi/v1, the AUTOMATIC1111 API
     paths |= openai_paths(unauthorized)  # the OpenAI Images API, /openai/v1
     document: dict[str, Any] = {
         "openapi": "3.1.0",

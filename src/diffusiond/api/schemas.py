@@ -13,14 +13,19 @@ from diffusiond.api.edit_fields import default_size, parse_edit_inputs
 from diffusiond.api.params import int_param
 from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import (
+    LORA_WEIGHT_LIMIT,
+    MAX_LORAS,
     SAMPLERS,
+    SCHEDULERS,
     GenerationRequest,
     Job,
     JobStatus,
+    LoraWeight,
     Progress,
     Result,
     StageTimings,
 )
+from diffusiond.sampling import schedule_problem
 
 MAX_TEXT_CHARS = 10_000
 MAX_SEED = 2**32 - 1
@@ -114,6 +119,65 @@ def _sampler(value: object) -> str:
     return value
 
 
+def _scheduler(value: object) -> str:
+    rule = f"one of {', '.join(SCHEDULERS)}"
+    if not isinstance(value, str) or value not in SCHEDULERS:
+        raise InvalidRequest(
+            f"scheduler must be {rule}, got {_show(value)}", field="scheduler", rule=rule
+        )
+    return value
+
+
+MAX_NAME_CHARS = 200  # a model id or a LoRA name
+
+
+def _name(field: str) -> Callable[[object], str]:
+    rule = f"a non-empty string of at most {MAX_NAME_CHARS} characters"
+
+    def check(value: object) -> str:
+        if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS:
+            raise InvalidRequest(
+                f"{field} must be {rule}, got {_show(value)}", field=field, rule=rule
+            )
+        return value
+
+    return check
+
+
+def _loras(value: object) -> tuple[LoraWeight, ...]:
+    rule = (
+        f'an array of at most {MAX_LORAS} objects {{"name": string, "weight": number from '
+        f"-{LORA_WEIGHT_LIMIT:g} to {LORA_WEIGHT_LIMIT:g}}}, each name once"
+    )
+
+    def refuse(detail: str) -> InvalidRequest:
+        return InvalidRequest(f"loras must be {rule}: {detail}", field="loras", rule=rule)
+
+    if not isinstance(value, list):
+        raise refuse(f"got {_show(value)}")
+    if len(value) > MAX_LORAS:
+        raise refuse(f"got {len(value)} entries")
+    loras: list[LoraWeight] = []
+    for index, entry in enumerate(value):
+        if not isinstance(entry, dict) or set(entry) - {"name", "weight"}:
+            raise refuse(f"entry {index} is not such an object")
+        name = entry.get("name")
+        weight = entry.get("weight", 1.0)
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
+            raise refuse(f"entry {index} has no valid name")
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not math.isfinite(weight)
+            or abs(weight) > LORA_WEIGHT_LIMIT
+        ):
+            raise refuse(f"entry {index} ({name!r}) has weight {_show(weight)}")
+        if any(lora.name == name for lora in loras):
+            raise refuse(f"{name!r} is given twice")
+        loras.append(LoraWeight(name, float(weight)))
+    return tuple(loras)
+
+
 def _preview_every(preview: object, every: object) -> int:
     """`preview: true` is a preview every step; `previewEvery: N` one every N steps."""
     if preview is not None and not isinstance(preview, bool):
@@ -174,6 +238,10 @@ def parse_generation_request(
         "seed": ("seed", _seed),
         "sampler": ("sampler", _sampler),
         "count": ("count", _int_in_range("count", 1, max_batch)),
+        "model": ("model", _name("model")),
+        "loras": ("loras", _loras),
+        "scheduler": ("scheduler", _scheduler),
+        "clipSkip": ("clip_skip", _int_in_range("clipSkip", 1, 12)),
     }
     values: dict[str, Any] = {}
     for wire_name, (name, check) in fields.items():
@@ -190,6 +258,7 @@ def parse_generation_request(
             )
     request = GenerationRequest(**values)
     _check_pixel_budget(request, max_pixels)
+    _check_schedule(request)
     return request
 
 
@@ -219,6 +288,15 @@ def parse_list_query(
             raise InvalidRequest("limit may be given once", field="limit", rule="given once")
         limit = int_param(limits[0], name="limit", low=1, high=MAX_LIST_LIMIT)
     return (frozenset(wanted) if wanted else None), limit
+
+
+def _check_schedule(request: GenerationRequest) -> None:
+    problem = schedule_problem(request.sampler, request.scheduler)
+    if problem is not None:
+        rule = f"with sampler {request.sampler}: one of " + ", ".join(
+            name for name in SCHEDULERS if schedule_problem(request.sampler, name) is None
+        )
+        raise InvalidRequest(problem, field="scheduler", rule=rule)
 
 
 def _check_pixel_budget(request: GenerationRequest, max_pixels: int) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from diffusiond.jobs.models import EditInputs, Stage
+from diffusiond.jobs.models import EditInputs, LoraWeight, Stage
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -26,6 +26,10 @@ class ImageSpec:
     sampler: str
     preview_every: int = 0  # call `on_preview` every this many diffusion steps; 0: never
     edit: EditInputs | None = None  # image-to-image or inpainting; None: text-to-image
+    model: str | None = None  # the catalog's model id; None: the default model
+    loras: tuple[LoraWeight, ...] = ()
+    scheduler: str = "discrete"
+    clip_skip: int | None = None
 
 
 # stage, current step within the stage, total steps of the stage
@@ -43,7 +47,7 @@ class BackendInfo:
     model: str
     device: str
     dtype: str
-    architecture: str = "unknown"  # sd1, sd2, sdxl
+    architecture: str = "unknown"  # sd1, sd2, sdxl, or a flow family (families.py)
 
 
 class GenerationCancelled(Exception):

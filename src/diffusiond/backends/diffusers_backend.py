@@ -25,6 +25,7 @@ from diffusiond.backends.base import (
     StageCallback,
 )
 from diffusiond.backends.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
+from diffusiond.backends.clip_skip import encode_skipping_layers, pipeline_clip_skip
 from diffusiond.backends.editing import (
     PreparedEdit,
     edit_pipeline,
@@ -32,8 +33,10 @@ from diffusiond.backends.editing import (
     paste_back,
     prepare_edit,
 )
+from diffusiond.backends.k_samplers import unconditional_capture
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
+from diffusiond.backends.runtime import is_out_of_memory, prepare_thread, resolve_device
 from diffusiond.backends.samplers import make_scheduler
 from diffusiond.backends.single_file import (
     SINGLE_FILE_SUFFIXES,
@@ -43,6 +46,7 @@ from diffusiond.backends.single_file import (
 from diffusiond.errors import ModelLoadError
 from diffusiond.jobs.models import Stage
 from diffusiond.memory import trim_heap
+from diffusiond.sampling import pipeline_guidance, runs_unconditional
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -105,12 +109,6 @@ def folder_architecture(path: Path, class_name: str) -> str:
     except (OSError, ValueError):
         return "sd1"
     return "sd2" if text.get("hidden_size") == 1024 else "sd1"
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 class DiffusersBackend:
@@ -227,16 +225,7 @@ class DiffusersBackend:
         return model
 
     def _resolve_device(self) -> str:
-        wanted = self._requested_device
-        has_cuda = bool(torch.cuda.is_available())
-        if wanted == "auto":
-            return "cuda" if has_cuda else "cpu"
-        if wanted.startswith("cuda") and not has_cuda:
-            raise ModelLoadError(
-                f"device {wanted!r} was asked for, but PyTorch {torch.__version__} sees no "
-                "CUDA device; use --device cpu"
-            )
-        return wanted
+        return resolve_device(self._requested_device)
 
     def generate(
         self,
@@ -250,7 +239,7 @@ class DiffusersBackend:
         except GenerationCancelled:
             raise
         except Exception as exc:
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 raise DeviceOutOfMemory(f"out of memory on {self._device}: {exc}") from exc
             raise
 
@@ -267,9 +256,11 @@ class DiffusersBackend:
         on_stage(Stage.LOADING, 0, 1)
         edit = prepare_edit(spec, inpainting_unet=is_inpainting_unet(self._pipeline))
         if edit is None:
-            pipeline = self._pipeline_for(spec.sampler)
+            pipeline = self._pipeline_for(spec.sampler, spec.scheduler)
         else:
-            scheduler = make_scheduler(spec.sampler, self._pipeline.scheduler.config)
+            scheduler = make_scheduler(
+                spec.sampler, self._pipeline.scheduler.config, spec.scheduler
+            )
             pipeline = edit_pipeline(self._pipeline, self._architecture, edit, scheduler)
         with torch.inference_mode():
             embeds = self._encode(pipeline, spec)
@@ -290,22 +281,13 @@ class DiffusersBackend:
         return image
 
     def _prepare_thread(self) -> None:
-        """Settings torch keeps per thread, made on the thread that generates.
-
-        The server loads on one thread and generates on another: OpenMP's thread count is
-        a per-thread setting, and so is flushing denormal numbers to zero (the CPU's
-        control register), which keeps a step's tiny values from the slow path.
-        """
-        if getattr(self._thread_state, "prepared", False):
-            return
-        torch.set_num_threads(self._torch_threads)
-        torch.set_flush_denormal(True)
-        self._thread_state.prepared = True
+        prepare_thread(self._thread_state, self._torch_threads)
 
     def _encode(self, pipeline: Any, spec: ImageSpec) -> dict[str, Any]:
         """The prompt's embeddings, as keyword arguments of the pipeline's call."""
-        guided = spec.cfg_scale > 1
+        guided = runs_unconditional(spec.sampler, spec.cfg_scale)
         negative = spec.negative_prompt or None
+        clip_skip = pipeline_clip_skip(pipeline, spec.clip_skip, self._architecture == "sdxl")
         if self._architecture == "sdxl":
             embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
                 spec.prompt,
@@ -313,6 +295,7 @@ class DiffusersBackend:
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=guided,
                 negative_prompt=negative,
+                clip_skip=clip_skip,
             )
             return {
                 "prompt_embeds": embeds,
@@ -320,6 +303,8 @@ class DiffusersBackend:
                 "pooled_prompt_embeds": pooled,
                 "negative_pooled_prompt_embeds": negative_pooled,
             }
+        if clip_skip is not None:
+            return encode_skipping_layers(pipeline, spec.prompt, negative, guided, clip_skip)
         embeds, negative_embeds = pipeline.encode_prompt(
             spec.prompt, self._device, 1, guided, negative
         )
@@ -377,23 +362,25 @@ class DiffusersBackend:
         generator = torch.Generator(device="cpu").manual_seed(spec.seed)
         size = {"width": spec.width, "height": spec.height}
         images = edit.call_kwargs(**size) if edit is not None else size
-        return pipeline(
-            **embeds,
-            **images,
-            num_inference_steps=spec.steps,
-            guidance_scale=spec.cfg_scale,
-            generator=generator,
-            output_type="latent",
-            callback_on_step_end=after_step,
-        ).images
+        # CFG++ samplers need the unguided prediction (and may guide below 1).
+        with unconditional_capture(pipeline, spec.cfg_scale):
+            return pipeline(
+                **embeds,
+                **images,
+                num_inference_steps=spec.steps,
+                guidance_scale=pipeline_guidance(spec.sampler, spec.cfg_scale),
+                generator=generator,
+                output_type="latent",
+                callback_on_step_end=after_step,
+            ).images
 
-    def _pipeline_for(self, sampler: str) -> Any:
+    def _pipeline_for(self, sampler: str, scheduler: str = "discrete") -> Any:
         """A pipeline sharing the loaded modules, with its own fresh scheduler."""
 
         base = self._pipeline
         components = {
             **base.components,
-            "scheduler": make_scheduler(sampler, base.scheduler.config),
+            "scheduler": make_scheduler(sampler, base.scheduler.config, scheduler),
         }
         extra = {"requires_safety_checker": False} if "safety_checker" in components else {}
         pipeline = type(base)(**components, **extra)

@@ -30,6 +30,7 @@ from diffusiond.jobs.models import (
     Job,
     JobError,
     JobStatus,
+    LoraWeight,
     Preview,
     Progress,
     Result,
@@ -53,8 +54,9 @@ def request_to_json(request: GenerationRequest) -> Json:
 
 
 def request_from_json(data: Json) -> GenerationRequest:
-    fields = {name: value for name, value in data.items() if name != "edit"}
-    return GenerationRequest(**fields, edit=edit_from_json(data.get("edit")))
+    fields = {name: value for name, value in data.items() if name not in ("edit", "loras")}
+    loras = tuple(LoraWeight(lora["name"], lora["weight"]) for lora in data.get("loras", ()))
+    return GenerationRequest(**fields, edit=edit_from_json(data.get("edit")), loras=loras)
 
 
 def progress_to_json(progress: Progress) -> Json:

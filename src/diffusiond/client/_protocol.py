@@ -6,7 +6,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,11 @@ class GenerationParams:
     mask_image: ImageInput | None = None
     strength: float | None = None
     mask_blur: int | None = None
+    model: str | None = None  # a model id of GET /v1/models; None: the server's default
+    # (name, weight) pairs or {"name", "weight"} mappings of GET /v1/loras
+    loras: Sequence[tuple[str, float] | Mapping[str, Any]] | None = None
+    scheduler: str | None = None
+    clip_skip: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -76,13 +81,26 @@ class GenerationParams:
             "previewEvery": self.preview_every,
             "strength": self.strength,
             "maskBlur": self.mask_blur,
+            "model": self.model,
+            "scheduler": self.scheduler,
+            "clipSkip": self.clip_skip,
         }
         body |= {name: value for name, value in optional.items() if value is not None}
+        if self.loras:
+            body["loras"] = [lora_wire(lora) for lora in self.loras]
         if self.init_image is not None:
             body["initImage"] = input_base64(self.init_image)
         if self.mask_image is not None:
             body["maskImage"] = input_base64(self.mask_image)
         return body
+
+
+def lora_wire(lora: tuple[str, float] | Mapping[str, Any]) -> dict[str, Any]:
+    """One LoRA as the API takes it, from a (name, weight) pair or a mapping."""
+    if isinstance(lora, Mapping):
+        return {"name": lora["name"], "weight": lora.get("weight", 1.0)}
+    name, weight = lora
+    return {"name": name, "weight": weight}
 
 
 class EventReader:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -13,7 +13,7 @@ import httpx
 from diffusiond.client import _protocol as proto
 from diffusiond.client.errors import ServerBusyError
 from diffusiond.client.inputs import ImageInput
-from diffusiond.client.models import GeneratedImage, Generation, Health
+from diffusiond.client.models import GeneratedImage, Generation, Health, Samplers
 
 
 class AsyncClient:
@@ -69,6 +69,10 @@ class AsyncClient:
         mask_image: ImageInput | None = None,
         strength: float | None = None,
         mask_blur: int | None = None,
+        model: str | None = None,
+        loras: Sequence[tuple[str, float] | Mapping[str, Any]] | None = None,
+        scheduler: str | None = None,
+        clip_skip: int | None = None,
         on_progress: proto.ProgressCallback | None = None,
         timeout: float | None = None,
     ) -> list[GeneratedImage]:
@@ -87,6 +91,10 @@ class AsyncClient:
             mask_image=mask_image,
             strength=strength,
             mask_blur=mask_blur,
+            model=model,
+            loras=loras,
+            scheduler=scheduler,
+            clip_skip=clip_skip,
         )
         done = await self.wait(generation.id, on_progress=on_progress, timeout=timeout)
         return list(done.images)
@@ -120,6 +128,10 @@ class AsyncClient:
 
     async def health(self) -> Health:
         return Health.from_wire(await self._call("GET", "/health"))
+
+    async def samplers(self) -> Samplers:
+        """The sampler and scheduler names the server takes (GET /v1/samplers)."""
+        return Samplers.from_wire(await self._call("GET", "/v1/samplers"))
 
     async def image_png(self, generation_id: str, index: int = 0) -> bytes:
         """The PNG bytes of image `index` (0-based) of a complete generation."""

@@ -29,6 +29,11 @@ def png_parameters(source: bytes | str | Path) -> dict[str, Any]:
         "seed": recipe["seed"],
         "sampler": recipe["sampler"],
     }
+    # What a newer recipe names; an older PNG leaves the server's defaults.
+    optional = {"model": "model", "scheduler": "scheduler", "clipSkip": "clip_skip"}
+    params |= {name: recipe[key] for key, name in optional.items() if recipe.get(key)}
+    if recipe.get("loras"):
+        params["loras"] = [(lora["name"], lora["weight"]) for lora in recipe["loras"]]
     # An edit's settings; its images are not in the PNG (see `png_input_hashes`).
     if "strength" in recipe:
         params["strength"] = recipe["strength"]

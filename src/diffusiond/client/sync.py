@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -13,7 +13,7 @@ import httpx
 from diffusiond.client import _protocol as proto
 from diffusiond.client.errors import ServerBusyError
 from diffusiond.client.inputs import ImageInput
-from diffusiond.client.models import GeneratedImage, Generation, Health
+from diffusiond.client.models import GeneratedImage, Generation, Health, Samplers
 
 
 class Client:
@@ -70,6 +70,10 @@ class Client:
         mask_image: ImageInput | None = None,
         strength: float | None = None,
         mask_blur: int | None = None,
+        model: str | None = None,
+        loras: Sequence[tuple[str, float] | Mapping[str, Any]] | None = None,
+        scheduler: str | None = None,
+        clip_skip: int | None = None,
         on_progress: proto.ProgressCallback | None = None,
         timeout: float | None = None,
     ) -> list[GeneratedImage]:
@@ -79,6 +83,10 @@ class Client:
         (0..1, default 0.75); with `mask_image` too, inpainting: white redraws, black is
         kept exactly, the edge feathered over `mask_blur` pixels (default 4). Without
         `width`/`height` the output takes the init image's size (else 512x512).
+
+        `model` is a model id of `models()` (default: the server's default model); `loras`
+        are (name, weight) pairs of `loras()`; `scheduler` is the noise schedule
+        ("discrete", "karras", ...); `clip_skip` AUTOMATIC1111's "Clip skip" (1..12).
 
         Calls `on_progress(progress)` on each change. If `timeout` seconds pass, or the
         caller is interrupted (KeyboardInterrupt), the job is cancelled on the server first.
@@ -98,6 +106,10 @@ class Client:
             mask_image=mask_image,
             strength=strength,
             mask_blur=mask_blur,
+            model=model,
+            loras=loras,
+            scheduler=scheduler,
+            clip_skip=clip_skip,
         )
         return list(self.wait(generation.id, on_progress=on_progress, timeout=timeout).images)
 
@@ -129,6 +141,10 @@ class Client:
 
     def health(self) -> Health:
         return Health.from_wire(self._call("GET", "/health"))
+
+    def samplers(self) -> Samplers:
+        """The sampler and scheduler names the server takes (GET /v1/samplers)."""
+        return Samplers.from_wire(self._call("GET", "/v1/samplers"))
 
     def image_png(self, generation_id: str, index: int = 0) -> bytes:
         """The PNG bytes of image `index` (0-based) of a complete generation."""

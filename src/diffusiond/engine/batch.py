@@ -120,9 +120,10 @@ def classify_error(exc: BaseException) -> ErrorCode:
     return ErrorCode.UNKNOWN_ERROR
 
 
-def image_recipe(spec: ImageSpec, model: str) -> dict[str, str]:
-    """The PNG text chunks that let one image be made again: its parameters and model, and
-    for an edit its mode, strength, mask blur and the SHA-256 of the images it was given."""
+def image_recipe(spec: ImageSpec, model: str, architecture: str = "unknown") -> dict[str, str]:
+    """The PNG text chunks that let one image be made again: its parameters, model and the
+    model's family (`architecture`, as /health says it), and for an edit its mode, strength,
+    mask blur and the SHA-256 of the images it was given."""
     recipe: dict[str, object] = {
         "prompt": spec.prompt,
         "negativePrompt": spec.negative_prompt,
@@ -132,10 +133,16 @@ def image_recipe(spec: ImageSpec, model: str) -> dict[str, str]:
         "cfgScale": spec.cfg_scale,
         "seed": spec.seed,
         "sampler": spec.sampler,
+        "scheduler": spec.scheduler,
         "model": model,
+        "architecture": architecture,
         "version": __version__,
         "mode": "txt2img",
     }
+    if spec.clip_skip is not None:
+        recipe["clipSkip"] = spec.clip_skip
+    if spec.loras:
+        recipe["loras"] = [{"name": lora.name, "weight": lora.weight} for lora in spec.loras]
     edit = spec.edit
     if edit is not None:
         recipe |= {
@@ -227,6 +234,10 @@ def run_batch(
             sampler=request.sampler,
             preview_every=request.preview_every,
             edit=request.edit,
+            model=request.model,
+            loras=request.loras,
+            scheduler=request.scheduler,
+            clip_skip=request.clip_skip,
         )
         try:
             if should_cancel():

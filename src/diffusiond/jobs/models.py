@@ -69,7 +69,25 @@ SAMPLERS: tuple[str, ...] = (
     "lcm",
     "ddim",
     "unipc",
+    "er_sde",
+    "euler_cfg_pp",
+    "euler_a_cfg_pp",
 )
+
+
+# The noise schedules (stable-diffusion.cpp's names) a sampler runs over; "discrete" is the
+# model's own.
+SCHEDULERS: tuple[str, ...] = ("discrete", "karras", "exponential", "sgm_uniform", "simple")
+MAX_LORAS = 8  # LoRAs one request may apply at once
+LORA_WEIGHT_LIMIT = 5.0  # a LoRA's weight is within -5..5
+
+
+@dataclass(frozen=True)
+class LoraWeight:
+    """One LoRA a request applies, by its name in the server's LoRA folder, at `weight`."""
+
+    name: str
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,10 @@ class GenerationRequest:
     count: int = 1
     preview_every: int = 0  # diffusion steps between live previews; 0: no previews
     edit: EditInputs | None = None  # None: text-to-image
+    model: str | None = None  # a model id of the server's catalog; None: its default model
+    loras: tuple[LoraWeight, ...] = ()
+    scheduler: str = "discrete"
+    clip_skip: int | None = None  # AUTOMATIC1111's "Clip skip": 1 is the last layer; None: 1
 
     @property
     def mode(self) -> str:

@@ -7,12 +7,13 @@
   const MAX_TEXT = 10000;
   const MAX_SEED = 4294967295;
   const SAMPLERS = ["euler_a", "euler", "heun", "dpm2", "dpm++2s_a", "dpm++2m", "dpm++2mv2",
-    "lcm", "ddim", "unipc"];
+    "lcm", "ddim", "unipc", "er_sde", "euler_cfg_pp", "euler_a_cfg_pp"];
+  const SCHEDULERS = ["discrete", "karras", "exponential", "sgm_uniform", "simple"];
   const TERMINAL = new Set(["complete", "error", "cancelled"]);
   const edit = window.DiffusiondEdit; // the input image and its mask (edit.js)
   // In the order of the form: the first one with an error takes the focus.
   const FIELDS = ["prompt", "negativePrompt", ...edit.FIELDS, "width", "height", "steps",
-    "cfgScale", "seed", "sampler", "count"];
+    "cfgScale", "seed", "sampler", "scheduler", "count"];
   // The mask's errors are shown by the canvas, which takes no focus: its Clear button does.
   const FOCUS = { maskImage: "mask-clear" };
   const STAGES = { loading: "Preparing", diffusion: "Diffusing", decoding: "Decoding" };
@@ -229,6 +230,12 @@
     const sampler = $("sampler").value;
     if (!SAMPLERS.includes(sampler)) errors.sampler = `sampler must be one of ${SAMPLERS.join(", ")}`;
     body.sampler = sampler;
+    // The server says which pairs run (a 400 naming scheduler shows under the field).
+    const scheduler = $("scheduler").value;
+    if (!SCHEDULERS.includes(scheduler)) {
+      errors.scheduler = `scheduler must be one of ${SCHEDULERS.join(", ")}`;
+    }
+    body.scheduler = scheduler;
     if ($("seedRandom").checked) {
       body.seed = null;
     } else {
