@@ -66,6 +66,7 @@ def test_the_served_document_is_the_fuzzed_one(fuzz_server: ServerProcess) -> No
         ("/v1/images/generations/{id}", "delete"),
         ("/v1/images/generations/{id}/events", "get"),
         ("/v1/images/generations/{id}/images/{index}", "get"),
+        ("/v1/samplers", "get"),
         ("/health", "get"),
         ("/openai/v1/images/generations", "post"),
         ("/openai/v1/images/edits", "post"),
