@@ -66,7 +66,12 @@ def test_the_served_document_is_the_fuzzed_one(fuzz_server: ServerProcess) -> No
         ("/v1/images/generations/{id}", "delete"),
         ("/v1/images/generations/{id}/events", "get"),
         ("/v1/images/generations/{id}/images/{index}", "get"),
+        ("/v1/samplers", "get"),
         ("/health", "get"),
+        ("/openai/v1/images/generations", "post"),
+        ("/openai/v1/images/edits", "post"),
+        ("/openai/v1/models", "get"),
+        ("/openai/v1/models/{model}", "get"),
     }
 
 
@@ -80,7 +85,10 @@ def no_internal_error(
     return None
 
 
-@schema.parametrize()
+# The OpenAI image operations wait for their job, and on this server's 2 s job budget a
+# valid one may end in the contract's 500 timeout_error; tests/integration/test_openai_api.py
+# drives them with the official client instead.
+@schema.exclude(path_regex="^/openai/v1/images/").parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_operation_answers_500_or_breaks_the_schema(
     case: schemathesis.Case[Any], fuzz_server: ServerProcess

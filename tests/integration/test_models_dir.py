@@ -302,3 +302,22 @@ def test_the_automatic1111_api_lists_the_models_and_draws_with_the_one_named(
         short_hash(models_dir / "beta.safetensors"),
     )
     assert json.loads(answer["info"])["sd_model_name"] == "beta"
+
+
+def test_the_openai_api_lists_the_models_and_draws_with_a_catalog_id(
+    one_loaded: ServerProcess,
+) -> None:
+    import openai
+
+    client = openai.OpenAI(
+        base_url=f"{one_loaded.url}/openai/v1", api_key="unused", max_retries=0, timeout=120
+    )
+    with client:
+        assert [model.id for model in client.models.list()] == ["builtin", "alpha", "beta"]
+        for asked, drawn in (("alpha", "alpha"), ("dall-e-3", "builtin")):
+            answer = client.images.generate(
+                prompt="a red door", model=asked, size="64x64", quality="low"
+            )
+            assert answer.data is not None
+            png = base64.b64decode(answer.data[0].b64_json or "")
+            assert json.loads(_recipe_text(png))["model"] == drawn

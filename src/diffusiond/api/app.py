@@ -43,6 +43,9 @@ from diffusiond.api.security import (
     carries_key,
 )
 from diffusiond.backends.lora_files import LoraCatalog, LoraChoices
+from diffusiond.compat.openai.errors import unauthorized as openai_unauthorized
+from diffusiond.compat.openai.routes import PREFIX as OPENAI_PREFIX
+from diffusiond.compat.openai.routes import OpenAILimits, openai_routes
 from diffusiond.errors import (
     DiffusiondError,
     InvalidRequest,
@@ -369,6 +372,15 @@ def create_app(
         Route("/v1/samplers", endpoints.samplers, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
+        *openai_routes(
+            registry,
+            engine,
+            events,
+            OpenAILimits(
+                config.max_batch, config.max_pixels, config.max_body_bytes, config.heartbeat_s
+            ),
+            models,
+        ),
         a1111_mount(  # /sdapi/v1: docs/API.md
             registry,
             engine,
@@ -412,7 +424,13 @@ def create_app(
             )
         )
     if config.api_key is not None:
-        middleware.append(Middleware(BearerKeyMiddleware, api_key=config.api_key))
+        middleware.append(
+            Middleware(
+                BearerKeyMiddleware,
+                api_key=config.api_key,
+                dialects={f"{OPENAI_PREFIX}/": openai_unauthorized},
+            )
+        )
     return Starlette(
         routes=routes,
         middleware=middleware,

@@ -8,6 +8,7 @@ from diffusiond import __version__
 from diffusiond.api.a1111.openapi_paths import a1111_paths
 from diffusiond.api.openapi_models import model_paths, model_schemas
 from diffusiond.api.schemas import MAX_NAME_CHARS, MAX_SEED, MAX_TEXT_CHARS
+from diffusiond.compat.openai.openapi import openai_paths, openai_schemas
 from diffusiond.jobs.models import LORA_WEIGHT_LIMIT, MAX_LORAS, SAMPLERS, SCHEDULERS
 
 
@@ -462,11 +463,14 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
         },
     }
     paths |= a1111_paths()  # /sdapi/v1, the AUTOMATIC1111 API
+    paths |= openai_paths(unauthorized)  # the OpenAI Images API, /openai/v1
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "diffusiond", "version": __version__},
         "paths": paths | model_paths(unauthorized),
-        "components": {"schemas": _schemas(max_batch) | model_schemas()},
+        "components": {
+            "schemas": _schemas(max_batch) | model_schemas() | openai_schemas(max_batch)
+        },
     }
     if secured:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

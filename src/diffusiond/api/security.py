@@ -15,9 +15,10 @@ import contextlib
 import hmac
 import ipaddress
 import socket
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from starlette.datastructures import Headers
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from diffusiond.api.errors import error_response
@@ -169,12 +170,19 @@ class BearerKeyMiddleware:
     """Answers 401 UNAUTHORIZED unless `Authorization: Bearer <key>` matches.
 
     The key is compared in constant time (hmac.compare_digest), so the time a wrong key
-    takes tells nothing about how much of it was right.
+    takes tells nothing about how much of it was right. `dialects` maps a path prefix to
+    the 401 of another API's error shape (the OpenAI front door answers in OpenAI's).
     """
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str,
+        dialects: Mapping[str, Callable[[str], Response]] | None = None,
+    ) -> None:
         self._app = app
         self._expected = f"Bearer {api_key}".encode()
+        self._dialects = dict(dialects or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_open(scope["path"]):
@@ -189,6 +197,10 @@ class BearerKeyMiddleware:
             await self._app(scope, receive, send)
             return
         message = "a valid API key is required" if given else "an API key is required"
+        for prefix, refusal in self._dialects.items():
+            if scope["path"].startswith(prefix):
+                await refusal(message)(scope, receive, send)
+                return
         response = error_response(
             401,
             "UNAUTHORIZED",
