@@ -1,14 +1,17 @@
-"""Each flow-matching family's tiny model served over real HTTP: `--model FOLDER` loads it on
-the family's own diffusers pipeline; a job shows progress and previews, cancels within its
-steps, reproduces from its seed, edits an image where diffusers can, and refuses a sampler
-the family cannot run, naming the ones it can."""
+"""Each flow-matching family's tiny model served over real HTTP, on the family's own diffusers
+pipeline: one server over a models dir of all of them (a request names its model), and one
+started with `--model FOLDER`. A job shows progress and previews, cancels within its steps,
+reproduces from its seed, edits an image where diffusers can; a sampler the family cannot
+run is a 400 naming the ones it can."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +29,69 @@ SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 4, "cfgSc
 LONG = {"prompt": "a long job", "width": 1024, "height": 1024, "steps": 150, "seed": 2}
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family_server(request: pytest.FixtureRequest, model_home: Path) -> Iterator[ServerProcess]:
-    """A server on one family's tiny model; one family's tests run at a time. One torch
-    thread: these models' steps are tiny operations, which a second thread on a busy
-    machine slows more than it helps (15x in a measured FLUX.2 job)."""
-    folder = tiny_family_folder(model_home, request.param)
-    server = start_server(model_home, "--model", str(folder), "--torch-threads", "1")
+@dataclass(frozen=True)
+class FamilyClient:
+    """An HTTP client for one family's tiny model on the shared server: every body it sends
+    names that model."""
+
+    http: httpx.Client
+    family: str
+
+    def submit(self, body: dict[str, Any]) -> str:
+        return submit(self.http, {**body, "model": self.family})
+
+
+@pytest.fixture(scope="module")
+def families_server(
+    model_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One server over a models dir of every family's tiny model, all kept loaded: a request
+    names its family's model. One torch thread: these models' steps are tiny operations,
+    which a second thread on a busy machine slows more than it helps (15x in a measured
+    FLUX.2 job)."""
+    models = tmp_path_factory.mktemp("families")
+    for family in sorted(FAMILIES):
+        shutil.copytree(tiny_family_folder(model_home, family), models / family)
+    server = start_server(
+        model_home,
+        "--models-dir",
+        str(models),
+        "--torch-threads",
+        "1",
+        env={"IMAGE_MAX_LOADED_MODELS": str(len(FAMILIES))},
+    )
     yield server
     assert server.stop() == 0, server.text()
 
 
-@pytest.fixture
-def family_client(family_server: ServerProcess) -> Iterator[httpx.Client]:
-    with family_server.client() as http:
-        yield http
+@pytest.fixture(params=sorted(FAMILIES))
+def family_client(
+    request: pytest.FixtureRequest, families_server: ServerProcess
+) -> Iterator[FamilyClient]:
+    with families_server.client() as http:
+        yield FamilyClient(http, request.param)
 
 
-def family_of(http: httpx.Client) -> str:
-    return str(http.get("/health").json()["architecture"])
+def family_of(client: FamilyClient) -> str:
+    return client.family
 
 
-def run(http: httpx.Client, body: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    seen = poll_until(http, submit(http, body))
+def run(client: FamilyClient, body: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    seen = poll_until(client.http, client.submit(body))
     return seen[-1], seen
+
+
+def test_a_family_folder_given_as_model_is_served_and_named_in_health(model_home: Path) -> None:
+    server = start_server(
+        model_home, "--model", str(tiny_family_folder(model_home, "flux1")), "--torch-threads", "1"
+    )
+    try:
+        with server.client() as http:
+            assert http.get("/health").json()["architecture"] == "flux1"
+            seen = poll_until(http, submit(http, {**SMALL, "seed": 1}))
+            assert seen[-1]["status"] == "complete", seen[-1]
+    finally:
+        assert server.stop() == 0, server.text()
 
 
 def first_png(job: dict[str, Any]) -> bytes:
@@ -57,14 +99,12 @@ def first_png(job: dict[str, Any]) -> bytes:
     return base64.b64decode(job["result"]["images"][0]["image"])
 
 
-def test_a_job_runs_through_progress_and_previews(family_client: httpx.Client) -> None:
-    health = family_client.get("/health").json()
-    assert health["architecture"] in FAMILIES
+def test_a_job_runs_through_progress_and_previews(family_client: FamilyClient) -> None:
     job, seen = run(family_client, {**SMALL, "seed": 1, "previewEvery": 1})
     picture = Image.open(io.BytesIO(first_png(job)))
     assert picture.size == (64, 64)
     recipe = json.loads(picture.text["diffusiond"])  # type: ignore[attr-defined]
-    assert recipe["architecture"] == health["architecture"]
+    assert (recipe["architecture"], recipe["model"]) == (family_client.family,) * 2
     diffusing = [
         body["progress"]
         for body in seen
@@ -75,7 +115,7 @@ def test_a_job_runs_through_progress_and_previews(family_client: httpx.Client) -
 
 
 @pytest.mark.parametrize("sampler", ["euler_a", "lcm"])  # both draw fresh noise each step
-def test_the_same_seed_gives_the_same_bytes(family_client: httpx.Client, sampler: str) -> None:
+def test_the_same_seed_gives_the_same_bytes(family_client: FamilyClient, sampler: str) -> None:
     body = {**SMALL, "sampler": sampler}
     first = first_png(run(family_client, {**body, "seed": 7})[0])
     again = first_png(run(family_client, {**body, "seed": 7})[0])
@@ -84,27 +124,35 @@ def test_the_same_seed_gives_the_same_bytes(family_client: httpx.Client, sampler
     assert first != other
 
 
-def test_a_job_cancels_within_its_steps(family_client: httpx.Client) -> None:
-    job_id = submit(family_client, LONG)
-    wait_first_step(family_client, job_id)
-    assert family_client.delete(f"{GENERATIONS}/{job_id}").json()["status"] == "cancelled"
-    final = poll_until(family_client, job_id)[-1]
+def test_a_job_cancels_within_its_steps(family_client: FamilyClient) -> None:
+    http = family_client.http
+    job_id = family_client.submit(LONG)
+    wait_first_step(http, job_id)
+    assert http.delete(f"{GENERATIONS}/{job_id}").json()["status"] == "cancelled"
+    final = poll_until(http, job_id)[-1]
     assert final["status"] == "cancelled"
     assert "result" not in final or final["result"] is None
 
 
-def test_a_sampler_the_family_cannot_run_is_refused_naming_the_ones_it_can(
-    family_client: httpx.Client,
+def test_a_sampler_the_family_cannot_run_is_a_400_naming_the_ones_it_can(
+    family_client: FamilyClient,
 ) -> None:
     family = family_of(family_client)
-    job, _ = run(family_client, {**SMALL, "sampler": "ddim"})
-    assert job["status"] == "error"
-    message = job["error"]["message"]
-    assert "'ddim'" in message
-    assert ", ".join(samplers_for_family(family)) in message
+    body = {**SMALL, "sampler": "ddim", "model": family}
+    response = family_client.http.post(GENERATIONS, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["details"]["field"] == "sampler"
+    assert "'ddim'" in error["message"]
+    assert ", ".join(samplers_for_family(family)) in error["message"]
+    assert not [
+        job
+        for job in family_client.http.get(GENERATIONS).json()["generations"]
+        if job["status"] == "error"
+    ]
 
 
-def test_every_sampler_the_family_lists_draws(family_client: httpx.Client) -> None:
+def test_every_sampler_the_family_lists_draws(family_client: FamilyClient) -> None:
     for sampler in samplers_for_family(family_of(family_client)):
         job, _ = run(family_client, {**SMALL, "steps": 2, "seed": 3, "sampler": sampler})
         assert job["status"] == "complete", (sampler, job)
@@ -117,7 +165,7 @@ def png_b64(picture: Image.Image) -> str:
 
 
 def test_inpainting_keeps_the_unmasked_pixels_where_diffusers_can(
-    family_client: httpx.Client,
+    family_client: FamilyClient,
 ) -> None:
     family = FAMILIES[family_of(family_client)]
     init = Image.effect_noise((64, 64), 60).convert("RGB")
@@ -125,11 +173,12 @@ def test_inpainting_keeps_the_unmasked_pixels_where_diffusers_can(
     mask.paste(255, (24, 24, 40, 40))
     body = {**SMALL, "seed": 4, "initImage": png_b64(init), "strength": 0.5}
     masked = {**body, "maskImage": png_b64(mask), "maskBlur": 0}
-    job, _ = run(family_client, masked)
     if edit_pipeline_name(family, inpaint=True) is None:
-        assert job["status"] == "error"
-        assert "inpainting is not available" in job["error"]["message"]
+        refused = family_client.http.post(GENERATIONS, json={**masked, "model": family.name})
+        assert refused.status_code == 400, refused.text
+        assert "inpainting is not available" in refused.json()["error"]["message"]
     else:
+        job, _ = run(family_client, masked)
         result = Image.open(io.BytesIO(first_png(job))).convert("RGB")
         assert result.crop((0, 0, 16, 16)).tobytes() == init.crop((0, 0, 16, 16)).tobytes()
         assert result.crop((24, 24, 40, 40)).tobytes() != init.crop((24, 24, 40, 40)).tobytes()

@@ -67,6 +67,8 @@ def test_the_served_document_is_the_fuzzed_one(fuzz_server: ServerProcess) -> No
         ("/v1/images/generations/{id}/events", "get"),
         ("/v1/images/generations/{id}/images/{index}", "get"),
         ("/v1/samplers", "get"),
+        ("/v1/models", "get"),
+        ("/v1/loras", "get"),
         ("/health", "get"),
         ("/openai/v1/images/generations", "post"),
         ("/openai/v1/images/edits", "post"),

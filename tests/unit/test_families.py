@@ -125,3 +125,63 @@ def test_a_folder_goes_to_the_backend_of_its_pipeline(tmp_path: Path) -> None:
     assert isinstance(backend, FlowBackend)
     with pytest.raises(ModelLoadError, match="'WanPipeline' is not supported"):
         backend_for_model_path(_folder(tmp_path, "WanPipeline"), settings)
+
+
+class _Directory:
+    """A models dir of one SD and one FLUX.1 model, as check_for_model sees it."""
+
+    default_id = "sd"
+
+    def __init__(self) -> None:
+        from diffusiond.backends.catalog import ModelEntry
+
+        self._entries = {
+            "sd": ModelEntry("sd", "diffusers", "sd1", None),
+            "flux": ModelEntry("flux", "diffusers", "flux1", None),
+        }
+
+    def entries(self) -> list[object]:
+        return list(self._entries.values())
+
+    def check(self, model_id: str | None) -> None:
+        from diffusiond.errors import InvalidRequest
+
+        if model_id is not None and model_id not in self._entries:
+            raise InvalidRequest(f"no model {model_id}", field="model", rule="an id")
+
+    def find(self, model_id: str | None) -> object:
+        return self._entries.get(model_id or self.default_id)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"model": "flux", "sampler": "ddim"}, "sampler"),
+        ({"model": "flux", "negative_prompt": "blur"}, "negativePrompt"),
+        ({"model": "flux", "width": 72}, "width"),
+        ({"model": "flux", "scheduler": "karras"}, "scheduler"),
+        ({"model": "nope"}, "model"),
+    ],
+)
+def test_the_api_refuses_what_the_named_model_cannot_draw(
+    fields: dict[str, object], field: str
+) -> None:
+    from diffusiond.api.ports import check_for_model
+    from diffusiond.errors import InvalidRequest
+    from diffusiond.jobs.models import GenerationRequest
+
+    request = GenerationRequest(prompt="p", **fields)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest) as caught:
+        check_for_model(_Directory(), request)  # type: ignore[arg-type]
+    assert caught.value.field == field
+
+
+def test_the_api_passes_what_the_model_can_draw() -> None:
+    from diffusiond.api.ports import check_for_model
+    from diffusiond.jobs.models import GenerationRequest
+
+    for request in (
+        GenerationRequest(prompt="p", sampler="ddim", negative_prompt="blur"),  # the SD default
+        GenerationRequest(prompt="p", model="flux", sampler="euler", width=64, height=64),
+    ):
+        check_for_model(_Directory(), request)  # type: ignore[arg-type]

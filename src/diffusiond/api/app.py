@@ -28,7 +28,14 @@ from diffusiond.api.limits import StreamSlots
 from diffusiond.api.model_list import models_body, plugin_models_body
 from diffusiond.api.openapi import openapi_document
 from diffusiond.api.params import read_uint, shown
-from diffusiond.api.ports import JobRunner, JobSource, LoraPort, ModelDirectory, Offload
+from diffusiond.api.ports import (
+    JobRunner,
+    JobSource,
+    LoraPort,
+    ModelDirectory,
+    Offload,
+    check_for_model,
+)
 from diffusiond.api.schemas import (
     DEFAULT_MAX_PIXELS,
     dump,
@@ -211,9 +218,9 @@ class _Endpoints:
         # A body with images takes milliseconds to check (base64, a full decode): off the
         # event loop, so that polls and streams of other jobs are not held up meanwhile.
         parsed = parse() if len(body) <= MAX_BODY_BYTES else await asyncio.to_thread(parse)
-        if self._models is not None and parsed.model is not None:
+        if self._models is not None:
             # An id not seen before rescans the models dir: off the event loop.
-            await asyncio.to_thread(self._models.check, parsed.model)
+            await asyncio.to_thread(check_for_model, self._models, parsed)
         if parsed.loras:  # reads the LoRA folder (and, in broker mode, Redis): off the loop
             await asyncio.to_thread(self._loras.check, parsed.model, parsed.loras)
         raw_key = request.headers.get("idempotency-key")

@@ -14,7 +14,9 @@ from typing import ParamSpec, Protocol, TypeVar
 
 from diffusiond.backends.base import BackendInfo
 from diffusiond.backends.catalog import ModelEntry
+from diffusiond.backends.families import FAMILIES, family_refusal
 from diffusiond.engine.engine import EngineStats
+from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import GenerationRequest, Job, JobListener, JobStatus, LoraWeight
 
 P = ParamSpec("P")
@@ -91,6 +93,26 @@ class ModelDirectory(Protocol):
     def check(self, model_id: str | None) -> None:
         """`InvalidRequest` naming `model` and the ids there are, unless it names one."""
         ...
+
+    def find(self, model_id: str | None) -> ModelEntry | None:
+        """The model `model_id` names (None: the default), if there is one."""
+        ...
+
+
+def check_for_model(models: ModelDirectory | None, request: GenerationRequest) -> None:
+    """Refuse (InvalidRequest) a request its model cannot draw: an unknown `model`, or what
+    the model's family cannot run (a sampler, a negative prompt, a size: families.py). Every
+    front door calls it before submitting, so the 400 comes before a job exists. It reads
+    the models dir: call it off the event loop."""
+    if models is None:
+        return
+    if request.model is not None:
+        models.check(request.model)
+    entry = models.find(request.model)
+    family = FAMILIES.get(entry.architecture) if entry is not None else None
+    refusal = family_refusal(family, request) if family is not None else None
+    if refusal is not None:
+        raise InvalidRequest(refusal.message, field=refusal.field, rule=refusal.rule)
 
 
 class Offload:

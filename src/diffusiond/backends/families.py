@@ -17,7 +17,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
+
+from diffusiond.jobs.models import EditInputs, LoraWeight
 
 
 class Guidance(str, Enum):
@@ -184,3 +186,86 @@ def guidance_kwargs(family: Family, cfg_scale: float, negative_prompt: str) -> d
     if family.negative_prompt:
         return {"guidance_scale": cfg_scale, "negative_prompt": negative_prompt or None}
     return {"guidance_scale": cfg_scale}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a family cannot draw a request: the API field at fault, and what it says."""
+
+    field: str
+    rule: str
+    message: str
+
+
+class DrawRequest(Protocol):
+    """What family_refusal reads of a request (an ImageSpec or a GenerationRequest)."""
+
+    @property
+    def sampler(self) -> str: ...
+    @property
+    def negative_prompt(self) -> str: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def edit(self) -> EditInputs | None: ...
+    @property
+    def scheduler(self) -> str: ...
+    @property
+    def loras(self) -> tuple[LoraWeight, ...]: ...
+    @property
+    def clip_skip(self) -> int | None: ...
+
+
+def family_refusal(family: Family, request: DrawRequest) -> Refusal | None:
+    """What in `request` this family cannot draw, the first such field; None if nothing."""
+    edit = request.edit is not None
+    allowed = samplers_for_family(family.name, edit=edit)
+    if request.sampler not in allowed:
+        what = "image-to-image and inpainting" if edit else "text-to-image"
+        rule = f"one of {', '.join(allowed)}"
+        return Refusal(
+            "sampler",
+            rule,
+            f"sampler {request.sampler!r} cannot run {family.title} {what}; "
+            f"it can run: {', '.join(allowed)}",
+        )
+    if request.negative_prompt and not family.negative_prompt:
+        message = f"negativePrompt: {family.title} takes no negative prompt"
+        return Refusal("negativePrompt", "empty for this model", message)
+    multiple = family.size_multiple
+    if request.width % multiple or request.height % multiple:
+        return Refusal(
+            "width",
+            f"a multiple of {multiple} for this model",
+            f"width and height: {family.title} draws sizes in multiples of {multiple}, "
+            f"not {request.width}x{request.height}",
+        )
+    if request.edit is not None:
+        inpaint = request.edit.mask is not None
+        if edit_pipeline_name(family, inpaint=inpaint) is None:
+            mode = "inpainting" if inpaint else "image-to-image"
+            field_name = "maskImage" if inpaint else "initImage"
+            message = f"{mode} is not available for {family.title} in diffusers"
+            return Refusal(field_name, "not for this model", message)
+    return _not_yet_supported(family, request)
+
+
+def _not_yet_supported(family: Family, request: DrawRequest) -> Refusal | None:
+    """What the SD backend does that the flow backend does not (yet) do for a family."""
+    if request.scheduler != "discrete":
+        # A flow model's sigma schedule is its own (shifted by the image size).
+        message = (
+            f"scheduler {request.scheduler!r}: {family.title} runs only 'discrete', "
+            "its own schedule"
+        )
+        return Refusal("scheduler", "discrete for this model", message)
+    if request.loras:
+        message = f"loras: LoRAs are not supported on {family.title} yet"
+        return Refusal("loras", "none for this model", message)
+    if request.clip_skip not in (None, 1):
+        return Refusal(
+            "clipSkip", "1 for this model", f"clipSkip: {family.title} takes no clip skip"
+        )
+    return None

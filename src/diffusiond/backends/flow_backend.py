@@ -39,8 +39,8 @@ from diffusiond.backends.families import (
     FLOW_SAMPLERS,
     Family,
     edit_pipeline_name,
+    family_refusal,
     guidance_kwargs,
-    samplers_for_family,
 )
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
@@ -101,42 +101,11 @@ def unpack_latents(latents: torch.Tensor, width: int, height: int) -> torch.Tens
 
 
 def check_request(family: Family, spec: ImageSpec) -> None:
-    """Refuse, with a message naming the field, what this family cannot draw."""
-    edit = spec.edit is not None
-    allowed = samplers_for_family(family.name, edit=edit)
-    if spec.sampler not in allowed:
-        what = "image-to-image and inpainting" if edit else "text-to-image"
-        raise UnsupportedRequest(
-            f"sampler {spec.sampler!r} cannot run {family.title} {what}; "
-            f"it can run: {', '.join(allowed)}"
-        )
-    if spec.negative_prompt and not family.negative_prompt:
-        raise UnsupportedRequest(f"negativePrompt: {family.title} takes no negative prompt")
-    multiple = family.size_multiple
-    if spec.width % multiple or spec.height % multiple:
-        raise UnsupportedRequest(
-            f"width and height: {family.title} draws sizes in multiples of {multiple}, "
-            f"not {spec.width}x{spec.height}"
-        )
-    if spec.edit is not None:
-        inpaint = spec.edit.mask is not None
-        if edit_pipeline_name(family, inpaint=inpaint) is None:
-            mode = "inpainting" if inpaint else "image-to-image"
-            raise UnsupportedRequest(f"{mode} is not available for {family.title} in diffusers")
-    _check_not_yet_supported(family, spec)
-
-
-def _check_not_yet_supported(family: Family, spec: ImageSpec) -> None:
-    """What the SD backend does that this one does not (yet) do for a family."""
-    if spec.scheduler != "discrete":
-        # A flow model's sigma schedule is its own (shifted by the image size).
-        raise UnsupportedRequest(
-            f"scheduler {spec.scheduler!r}: {family.title} runs only 'discrete', its own schedule"
-        )
-    if spec.loras:
-        raise UnsupportedRequest(f"loras: LoRAs are not supported on {family.title} yet")
-    if spec.clip_skip not in (None, 1):
-        raise UnsupportedRequest(f"clipSkip: {family.title} takes no clip skip")
+    """Refuse, with a message naming the field, what this family cannot draw (the API
+    refuses the same with a 400 before the job is accepted: see families.family_refusal)."""
+    refusal = family_refusal(family, spec)
+    if refusal is not None:
+        raise UnsupportedRequest(refusal.message)
 
 
 class FlowBackend:

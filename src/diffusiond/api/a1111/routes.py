@@ -55,7 +55,14 @@ from diffusiond.api.a1111.transport import (
     watch_hang_up,
 )
 from diffusiond.api.events import JobEvents
-from diffusiond.api.ports import JobRunner, JobSource, LoraPort, ModelDirectory, Offload
+from diffusiond.api.ports import (
+    JobRunner,
+    JobSource,
+    LoraPort,
+    ModelDirectory,
+    Offload,
+    check_for_model,
+)
 from diffusiond.errors import AlreadyTerminal, DiffusiondError, InvalidRequest, NotFound, ServerBusy
 from diffusiond.jobs.models import (
     SAMPLERS,
@@ -179,6 +186,7 @@ class A1111Api:
         if generation.loras and self._loras is not None:  # the <lora:...> tags: as the native
             wanted = [LoraWeight(name, weight) for name, weight in generation.loras]
             await asyncio.to_thread(self._loras.check, generation.checkpoint.model_id, wanted)
+        await asyncio.to_thread(check_for_model, self._models, job_request(generation, 0))
         running = Running(generation, started_s=time.monotonic())
         watcher = asyncio.ensure_future(watch_hang_up(request.receive, running.hang_up))
         self._calls.append(running)

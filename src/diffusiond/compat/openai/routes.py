@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 import orjson
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
@@ -27,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from diffusiond.api.events import JobEvents
 from diffusiond.api.params import shown
-from diffusiond.api.ports import JobRunner, JobSource, ModelDirectory, Offload
+from diffusiond.api.ports import JobRunner, JobSource, ModelDirectory, Offload, check_for_model
 from diffusiond.compat.openai import answers
 from diffusiond.compat.openai.errors import (
     INVALID,
@@ -205,7 +206,9 @@ class OpenAIImages:
 
     async def _run(self, request: Request, ask: OpenAIRequest) -> Response:
         model = catalog_model(ask.model, await self._model_ids()) if self._models else None
-        job = await self._offload(self._engine.submit, dataclasses.replace(ask.job, model=model))
+        wanted = dataclasses.replace(ask.job, model=model)
+        await asyncio.to_thread(check_for_model, self._models, wanted)
+        job = await self._offload(self._engine.submit, wanted)
         if ask.answer.stream:
             ended = _Ended()
             return _JobStream(
@@ -311,6 +314,22 @@ def _json(body: dict[str, object]) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
+class _AnyText(Convertor[str]):
+    """A path's rest, newlines included (starlette's `path` is `.*`, which stops at one, so
+    such a path would miss these routes and get the native 404 instead of OpenAI's)."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("any_text", _AnyText())
+
+
 def openai_routes(
     registry: JobSource,
     engine: JobRunner,
@@ -331,12 +350,14 @@ def openai_routes(
         Route(f"{PREFIX}/images/edits", answers_in_openai_shape(images.edits), methods=["POST"]),
         Route(f"{PREFIX}/models", answers_in_openai_shape(images.models), methods=["GET"]),
         Route(
-            f"{PREFIX}/models/{{model:path}}",
+            f"{PREFIX}/models/{{model:any_text}}",
             answers_in_openai_shape(images.model),
             methods=["GET"],
         ),
         # Anything else under the prefix: a 404 in OpenAI's shape, not the native one.
         Route(
-            f"{PREFIX}/{{rest:path}}", answers_in_openai_shape(images.unknown), methods=every_method
+            f"{PREFIX}/{{rest:any_text}}",
+            answers_in_openai_shape(images.unknown),
+            methods=every_method,
         ),
     ]
