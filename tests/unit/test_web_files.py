@@ -13,6 +13,7 @@ from diffusiond.api.security import BearerKeyMiddleware
 from diffusiond.web import STATIC_DIR, web_routes
 
 KEY = "unit-test-key-0123456789"
+SCRIPTS = sorted(path.name for path in STATIC_DIR.glob("*.js"))
 
 
 async def secret(_request: Request) -> Response:
@@ -34,9 +35,11 @@ def test_the_page_and_its_files_need_no_key() -> None:
         assert page.headers["content-type"].startswith("text/html")
         assert "connect-src 'self'" in page.headers["content-security-policy"]
         assert page.text == (STATIC_DIR / "index.html").read_text()
-        script = http.get("/ui/app.js")
-        assert script.status_code == 200
-        assert "javascript" in script.headers["content-type"]
+        for script_name in SCRIPTS:
+            script = http.get(f"/ui/{script_name}")
+            assert script.status_code == 200, script_name
+            assert "javascript" in script.headers["content-type"]
+            assert f'<script src="ui/{script_name}" defer></script>' in page.text, script_name
         assert http.get("/ui/style.css").headers["content-type"].startswith("text/css")
 
 
@@ -50,8 +53,13 @@ def test_the_api_still_needs_the_key() -> None:
         assert http.get("/ui/missing.js").status_code == 404
 
 
+def test_every_script_is_there() -> None:
+    # The page's modules, each loaded by index.html (a missing one would go unnoticed here).
+    assert {"http.js", "edit.js", "choices.js", "results.js", "app.js"} <= set(SCRIPTS)
+
+
 def test_the_page_uses_only_relative_urls_and_nothing_from_elsewhere() -> None:
-    for name in ("index.html", "app.js", "style.css"):
+    for name in ("index.html", "style.css", *SCRIPTS):
         text = (STATIC_DIR / name).read_text()
         assert "http://" not in text, name
         assert "https://" not in text, name

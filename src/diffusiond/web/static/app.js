@@ -3,20 +3,19 @@
 "use strict";
 
 (() => {
-  const KEY_STORAGE = "diffusiond.apiKey";
   const MAX_TEXT = 10000;
   const MAX_SEED = 4294967295;
-  const SAMPLERS = ["euler_a", "euler", "heun", "dpm2", "dpm++2s_a", "dpm++2m", "dpm++2mv2",
-    "lcm", "ddim", "unipc"];
   const TERMINAL = new Set(["complete", "error", "cancelled"]);
+  const { ApiError, api, errorOf, storedKey } = window.DiffusiondHttp; // http.js
   const edit = window.DiffusiondEdit; // the input image and its mask (edit.js)
+  const choices = window.DiffusiondChoices; // model, LoRAs, sampler, scheduler (choices.js)
+  const results = window.DiffusiondResults; // the result list (results.js)
   // In the order of the form: the first one with an error takes the focus.
-  const FIELDS = ["prompt", "negativePrompt", ...edit.FIELDS, "width", "height", "steps",
-    "cfgScale", "seed", "sampler", "count"];
+  const FIELDS = [...choices.MODEL_FIELDS, "prompt", "negativePrompt", ...edit.FIELDS, "width",
+    "height", "steps", "cfgScale", ...choices.SAMPLING_FIELDS, "seed", "count"];
   // The mask's errors are shown by the canvas, which takes no focus: its Clear button does.
   const FOCUS = { maskImage: "mask-clear" };
   const STAGES = { loading: "Preparing", diffusion: "Diffusing", decoding: "Decoding" };
-  const MAX_GALLERY = 40;
 
   const $ = (id) => document.getElementById(id);
   const state = {
@@ -25,120 +24,6 @@
     job: null, // {id, request, abort: AbortController} while one is followed
     sizeBefore: null, // {size, width, height} chosen before an input image set its own size
   };
-
-  class ApiError extends Error {
-    constructor(message, { code = "", status = 0, details = null, suggestion = "",
-      retryAfter = null } = {}) {
-      super(message);
-      this.code = code;
-      this.status = status;
-      this.details = details;
-      this.suggestion = suggestion;
-      this.retryAfter = retryAfter;
-    }
-  }
-
-  // -- the API key: asked for on the first 401, kept in localStorage -----------------------
-
-  function storedKey() {
-    try {
-      return localStorage.getItem(KEY_STORAGE) || "";
-    } catch {
-      return "";
-    }
-  }
-
-  function showKeyButton() {
-    $("key-button").hidden = storedKey() === "";
-  }
-
-  let keyAnswer = null; // the pending dialog's resolve function
-  let keyPromise = null; // one dialog for every request that met a 401 at the same time
-
-  function askForKey(refused) {
-    if (keyPromise) return keyPromise;
-    keyPromise = new Promise((resolve) => {
-      keyAnswer = resolve;
-      $("key-message").textContent = refused
-        ? "The server refused the stored API key. Enter the right one (its IMAGE_API_KEY)."
-        : "This server asks for an API key (its IMAGE_API_KEY). It is kept in this " +
-          "browser's storage for this page.";
-      $("key-input").value = "";
-      $("key-dialog").showModal();
-      $("key-input").focus();
-    }).finally(() => {
-      keyPromise = null;
-      keyAnswer = null;
-    });
-    return keyPromise;
-  }
-
-  function answerKey(saved) {
-    const dialog = $("key-dialog");
-    if (dialog.open) dialog.close();
-    if (keyAnswer) keyAnswer(saved);
-    showKeyButton();
-  }
-
-  function setUpKeyDialog() {
-    $("key-form").addEventListener("submit", (event) => {
-      event.preventDefault();
-      const key = $("key-input").value.trim();
-      if (!key) {
-        $("key-input").focus();
-        return;
-      }
-      try {
-        localStorage.setItem(KEY_STORAGE, key);
-      } catch {
-        // storage is off: the key cannot be kept, the request goes on failing with 401
-      }
-      answerKey(true);
-    });
-    $("key-cancel").addEventListener("click", () => answerKey(false));
-    $("key-dialog").addEventListener("cancel", () => answerKey(false)); // Escape
-    $("key-button").addEventListener("click", () => {
-      localStorage.removeItem(KEY_STORAGE);
-      showKeyButton();
-      say("The API key was removed from this browser.");
-    });
-    showKeyButton();
-  }
-
-  // -- HTTP ------------------------------------------------------------------------------
-
-  /** fetch with the stored key; on 401, ask for the key (once) and try again. */
-  async function api(path, options = {}) {
-    for (;;) {
-      const headers = new Headers(options.headers || {});
-      const key = storedKey();
-      if (key) headers.set("Authorization", `Bearer ${key}`);
-      const response = await fetch(path, { cache: "no-store", ...options, headers });
-      if (response.status !== 401) return response;
-      if (!(await askForKey(key !== ""))) {
-        throw new ApiError("This server needs an API key: nothing was sent without it.", {
-          code: "UNAUTHORIZED", status: 401,
-        });
-      }
-    }
-  }
-
-  async function errorOf(response) {
-    let body = null;
-    try {
-      body = await response.json();
-    } catch {
-      // not JSON: a proxy's page, say
-    }
-    const error = (body && body.error) || {};
-    return new ApiError(error.message || `the server answered HTTP ${response.status}`, {
-      code: error.code || "",
-      status: response.status,
-      details: error.details || null,
-      suggestion: error.suggestion || "",
-      retryAfter: response.headers.get("Retry-After"),
-    });
-  }
 
   function jobPath(id, rest = "") {
     return `v1/images/generations/${encodeURIComponent(id)}${rest}`;
@@ -226,9 +111,7 @@
       errors.cfgScale = "cfgScale must be a number from 0 to 30";
     }
     body.cfgScale = cfg;
-    const sampler = $("sampler").value;
-    if (!SAMPLERS.includes(sampler)) errors.sampler = `sampler must be one of ${SAMPLERS.join(", ")}`;
-    body.sampler = sampler;
+    choices.check(body, errors);
     if ($("seedRandom").checked) {
       body.seed = null;
     } else {
@@ -295,7 +178,7 @@
   }
 
   function focusField(field) {
-    $(FOCUS[field] || field).focus();
+    (choices.focusTarget(field) || $(FOCUS[field] || field)).focus();
   }
 
   function showErrors(errors) {
@@ -567,7 +450,7 @@
       setBar(100, `Complete · ${images.length} image${images.length === 1 ? "" : "s"}`);
       const took = typeof job.result.timeTaken === "number" ? ` in ${formatMs(job.result.timeTaken)}` : "";
       say(`Complete: ${images.length} image${images.length === 1 ? "" : "s"}${took}.`);
-      addResults(job, request);
+      results.add(job, request);
     } else if (job.status === "cancelled") {
       setBar(0, "Cancelled");
       say(`Generation ${job.id} cancelled.`);
@@ -578,124 +461,7 @@
     }
   }
 
-  // -- results -----------------------------------------------------------------------------
-
-  function pngBytes(base64) {
-    const text = atob(base64);
-    const bytes = new Uint8Array(text.length);
-    for (let i = 0; i < text.length; i += 1) bytes[i] = text.charCodeAt(i);
-    return bytes;
-  }
-
-  /** The recipe diffusiond writes in each PNG (an iTXt chunk named "diffusiond"), or null. */
-  function pngRecipe(bytes) {
-    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    const latin1 = (part) => String.fromCharCode(...part);
-    let pos = 8;
-    while (pos + 12 <= bytes.length) {
-      const length = view.getUint32(pos);
-      const type = latin1(bytes.subarray(pos + 4, pos + 8));
-      if (type === "IEND") break;
-      const data = bytes.subarray(pos + 8, pos + 8 + length);
-      const nul = data.indexOf(0);
-      if ((type === "iTXt" || type === "tEXt") && nul > 0 && latin1(data.subarray(0, nul)) === "diffusiond") {
-        let text;
-        if (type === "tEXt") {
-          text = latin1(data.subarray(nul + 1));
-        } else {
-          if (data[nul + 1] !== 0) return null; // compressed: not what diffusiond writes
-          let at = data.indexOf(0, nul + 3) + 1; // after the language tag
-          at = data.indexOf(0, at) + 1; // after the translated keyword
-          text = new TextDecoder().decode(data.subarray(at));
-        }
-        try {
-          return JSON.parse(text);
-        } catch {
-          return null;
-        }
-      }
-      pos += 12 + length;
-    }
-    return null;
-  }
-
-  function addResults(job, request) {
-    const gallery = $("gallery");
-    const images = job.result.images;
-    const items = images.map((image, index) => {
-      const bytes = pngBytes(image.image);
-      const recipe = pngRecipe(bytes) || {};
-      const sampler = recipe.sampler || (request && request.sampler) || "";
-      const blob = new Blob([bytes], { type: "image/png" });
-      return resultItem(job.id, index, images.length, image, sampler, blob, recipe);
-    });
-    gallery.prepend(...items);
-    while (gallery.children.length > MAX_GALLERY) {
-      const last = gallery.lastElementChild;
-      URL.revokeObjectURL(last.dataset.url);
-      last.remove();
-    }
-    $("gallery-empty").hidden = gallery.children.length > 0;
-  }
-
-  function resultItem(jobId, index, total, image, sampler, blob, recipe) {
-    const url = URL.createObjectURL(blob);
-    const item = document.createElement("li");
-    item.className = "result";
-    item.dataset.job = jobId;
-    item.dataset.seed = String(image.seed);
-    item.dataset.url = url;
-    const name = `image ${index + 1} of ${total}, seed ${image.seed}`;
-
-    const view = document.createElement("button");
-    view.type = "button";
-    view.className = "thumb";
-    view.setAttribute("aria-label", `View ${name} at full size`);
-    const img = document.createElement("img");
-    img.src = url;
-    img.alt = `Generated ${name}`;
-    img.width = image.width;
-    img.height = image.height;
-    view.append(img);
-    view.addEventListener("click", () => openViewer(url, name, image));
-
-    const meta = document.createElement("p");
-    meta.className = "meta";
-    const edited = ["img2img", "inpaint"].includes(recipe.mode) // an edit: how it was made
-      ? ` · ${recipe.mode}, strength ${recipe.strength}` : "";
-    meta.textContent =
-      `seed ${image.seed} · ${image.width}×${image.height}${sampler ? ` · ${sampler}` : ""}${edited}`;
-
-    const actions = document.createElement("div");
-    actions.className = "result-actions";
-    const download = document.createElement("a");
-    download.className = "download";
-    download.href = url;
-    download.download = `${jobId}-${index + 1}-seed${image.seed}.png`;
-    download.textContent = "Download PNG";
-    download.setAttribute("aria-label", `Download ${name} as PNG`);
-    actions.append(
-      download,
-      actionButton("Reuse seed", `Reuse seed ${image.seed} in the form`,
-        () => reuseSeed(image.seed)),
-      actionButton("Use as input", `Use ${name} as the input image`,
-        () => useAsInput(blob, `${jobId}-${index + 1}.png`, name)),
-    );
-
-    item.append(view, meta, actions);
-    if (recipe.prompt) item.title = recipe.prompt;
-    return item;
-  }
-
-  function actionButton(text, label, onClick) {
-    const button = document.createElement("button");
-    button.type = "button";
-    button.className = "reuse";
-    button.textContent = text;
-    button.setAttribute("aria-label", label);
-    button.addEventListener("click", onClick);
-    return button;
-  }
+  // -- taking a result back into the form -------------------------------------------
 
   function reuseSeed(seed) {
     setSeedRandom(false);
@@ -712,13 +478,29 @@
     say(`The generated ${name} is the input image: paint a mask on it or press Generate.`);
   }
 
-  function openViewer(url, name, image) {
-    $("viewer-title").textContent = `Generated ${name} (${image.width}×${image.height})`;
-    const img = $("viewer-image");
-    img.src = url;
-    img.alt = `Generated ${name}`;
-    $("viewer").showModal();
-    $("viewer-close").focus();
+  /** The form filled from a result's RECIPE (its PNG's), to draw NAME again or vary it. */
+  function useSettings(recipe, name) {
+    clearErrors();
+    const text = (value) => (value === undefined || value === null ? "" : String(value));
+    $("prompt").value = text(recipe.prompt);
+    $("negativePrompt").value = text(recipe.negativePrompt);
+    for (const field of ["width", "height", "steps", "cfgScale"]) {
+      if (recipe[field] !== undefined) $(field).value = text(recipe[field]);
+    }
+    sizeFromFields(); // the recipe's size is sent, even with an input image
+    const missing = choices.restore(recipe);
+    if (recipe.sampler && choices.hasSampler(recipe.sampler)) $("sampler").value = recipe.sampler;
+    else if (recipe.sampler) missing.push(`the sampler ${recipe.sampler}`);
+    if (Number.isInteger(recipe.seed)) {
+      setSeedRandom(false);
+      $("seed").value = String(recipe.seed);
+      $("count").value = "1";
+    }
+    $("prompt").focus();
+    const edited = ["img2img", "inpaint"].includes(recipe.mode)
+      ? " Its input image is not kept in it: pick one to edit again." : "";
+    const lacking = missing.length ? ` This server lacks ${missing.join(", ")}: left as it was.` : "";
+    say(`The settings of ${name} are in the form.${edited}${lacking}`);
   }
 
   // -- recent jobs -------------------------------------------------------------------------
@@ -774,7 +556,7 @@
       if (!response.ok) throw await errorOf(response);
       const job = await response.json();
       if (job.status === "complete") {
-        addResults(job, null);
+        results.add(job, null);
         say(`Showing the images of ${id}.`);
         $("gallery").firstElementChild.querySelector("button").focus();
       } else if (!TERMINAL.has(job.status) && !state.job) {
@@ -792,7 +574,7 @@
   // -- start -------------------------------------------------------------------------------
 
   function start() {
-    setUpKeyDialog();
+    window.DiffusiondHttp.setUp(say);
     $("generate-form").addEventListener("submit", onGenerate);
     $("cancel").addEventListener("click", onCancel);
     $("size").addEventListener("change", syncSize);
@@ -806,14 +588,12 @@
       if ($(field)) $(field).addEventListener("input", () => clearError(field));
     }
     edit.setUp({ changed: inputChanged, say });
-    $("viewer-close").addEventListener("click", () => $("viewer").close());
-    $("viewer").addEventListener("click", (event) => {
-      if (event.target === $("viewer")) $("viewer").close(); // a click on the backdrop
-    });
+    results.setUp({ reuseSeed, useAsInput, useSettings });
     $("jobs-refresh").addEventListener("click", refreshJobs);
     setSeedRandom($("seedRandom").checked);
     loadHealth();
     refreshJobs();
+    choices.setUp({ say }).finally(() => { document.body.dataset.choices = "ready"; });
     document.body.dataset.ready = "true";
   }
 
