@@ -72,7 +72,15 @@ def answer_with(page: Page, path: str, change: Callable[[Any], Any]) -> None:
 
     def handle(route: Route) -> None:
         response = route.fetch()
+        assert response.ok, f"GET /v1/{path}: {response.status}"
         route.fulfill(response=response, json=change(response.json()))
+
+
+def answer(page: Page, path: str, body: object) -> None:
+    """GET /v1/PATH answered with BODY, whatever the server has."""
+
+    def handle(route: Route) -> None:
+        route.fulfill(json=body)
 
     page.route(f"**/v1/{path}", handle)
 
@@ -280,8 +288,8 @@ def fake_catalog(page: Page) -> None:
         model["loaded"] = model["default"] = model["id"] == "small"
     loras = [{"name": f"sd-{n}", "architecture": "sd1"} for n in range(1, 10)]
     loras.append({"name": "xl-one", "architecture": "sdxl"})
-    answer_with(page, "models", lambda _body: {"models": models})
-    answer_with(page, "loras", lambda _body: {"loras": loras})
+    answer(page, "models", {"models": models})
+    answer(page, "loras", {"loras": loras})
 
 
 def test_loras_follow_the_model_at_most_eight(web_server: ServerProcess, page: Page) -> None:

@@ -5,41 +5,24 @@
 (() => {
   const MAX_TEXT = 10000;
   const MAX_SEED = 4294967295;
-  const TERMINAL = new Set(["complete", "error", "cancelled"]);
   const { ApiError, api, errorOf, storedKey } = window.DiffusiondHttp; // http.js
   const edit = window.DiffusiondEdit; // the input image and its mask (edit.js)
   const choices = window.DiffusiondChoices; // model, LoRAs, sampler, scheduler (choices.js)
   const results = window.DiffusiondResults; // the result list (results.js)
+  const progress = window.DiffusiondProgress; // one job followed and shown (progress.js)
+  const { TERMINAL, jobPath, showState, setBar, formatMs } = progress;
   // In the order of the form: the first one with an error takes the focus.
   const FIELDS = [...choices.MODEL_FIELDS, "prompt", "negativePrompt", ...edit.FIELDS, "width",
     "height", "steps", "cfgScale", ...choices.SAMPLING_FIELDS, "seed", "count"];
   // The mask's errors are shown by the canvas, which takes no focus: its Clear button does.
   const FOCUS = { maskImage: "mask-clear" };
-  const STAGES = { loading: "Preparing", diffusion: "Diffusing", decoding: "Decoding" };
 
   const $ = (id) => document.getElementById(id);
   const state = {
     maxBatch: 5,
-    pollMs: 500,
     job: null, // {id, request, abort: AbortController} while one is followed
     sizeBefore: null, // {size, width, height} chosen before an input image set its own size
   };
-
-  function jobPath(id, rest = "") {
-    return `v1/images/generations/${encodeURIComponent(id)}${rest}`;
-  }
-
-  function delay(ms, signal) {
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(resolve, ms);
-      if (signal) {
-        signal.addEventListener("abort", () => {
-          clearTimeout(timer);
-          reject(new DOMException("aborted", "AbortError"));
-        }, { once: true });
-      }
-    });
-  }
 
   // -- the server's state ----------------------------------------------------------------
 
@@ -63,7 +46,7 @@
     }
     const health = await response.json();
     state.maxBatch = Number.isInteger(health.maxBatch) ? health.maxBatch : state.maxBatch;
-    state.pollMs = Number.isInteger(health.pollIntervalMs) ? health.pollIntervalMs : state.pollMs;
+    if (Number.isInteger(health.pollIntervalMs)) progress.setPollMs(health.pollIntervalMs);
     $("count").max = String(state.maxBatch);
     $("count-hint").textContent = `(1–${state.maxBatch})`;
     const parts = [health.model, health.device, health.version && `v${health.version}`];
@@ -257,7 +240,7 @@
     }
     setRunning(true);
     say("Sending the request…");
-    resetProgress();
+    progress.resetProgress();
     await edit.addMask(body);
     let response;
     try {
@@ -309,13 +292,13 @@
     say(`Generating… (job ${id})`);
     let final = null;
     try {
-      final = await followStream(id, abort.signal);
+      final = await progress.followStream(id, abort.signal);
     } catch (error) {
       if (error instanceof ApiError) console.info("event stream unavailable:", error.message);
       else console.info("event stream broke, polling instead:", error);
     }
     try {
-      if (!final) final = await pollUntilDone(id, abort.signal);
+      if (!final) final = await progress.pollUntilDone(id, abort.signal);
     } catch (error) {
       say(`Lost track of generation ${id}: ${error.message}`);
       final = null;
@@ -324,60 +307,6 @@
     setRunning(false);
     if (final) await finish(final, request);
     refreshJobs();
-  }
-
-  async function followStream(id, signal) {
-    const response = await api(jobPath(id, "/events"), {
-      headers: { Accept: "text/event-stream" },
-      signal,
-    });
-    if (!response.ok || !response.body) throw await errorOf(response);
-    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) return null; // the stream ended early: polling takes over
-      buffer += value.replace(/\r\n?/g, "\n");
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const block = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        const event = parseEvent(block);
-        if (!event) continue;
-        showState(event.data);
-        if (TERMINAL.has(event.name)) {
-          reader.cancel().catch(() => {});
-          return event.data;
-        }
-      }
-    }
-  }
-
-  function parseEvent(block) {
-    let name = "message";
-    const data = [];
-    for (const line of block.split("\n")) {
-      if (line === "" || line.startsWith(":")) continue; // heartbeats are comments
-      const colon = line.indexOf(":");
-      const key = colon < 0 ? line : line.slice(0, colon);
-      let value = colon < 0 ? "" : line.slice(colon + 1);
-      if (value.startsWith(" ")) value = value.slice(1);
-      if (key === "event") name = value;
-      else if (key === "data") data.push(value);
-    }
-    if (!data.length) return null;
-    return { name, data: JSON.parse(data.join("\n")) };
-  }
-
-  async function pollUntilDone(id, signal) {
-    for (;;) {
-      const response = await api(jobPath(id), { signal });
-      if (!response.ok) throw await errorOf(response);
-      const job = await response.json();
-      showState(job);
-      if (TERMINAL.has(job.status)) return job;
-      await delay(state.pollMs, signal);
-    }
   }
 
   async function onCancel() {
@@ -394,52 +323,6 @@
     } catch (error) {
       say(`The cancel failed: ${error.message}`);
       $("cancel").disabled = false;
-    }
-  }
-
-  // -- progress ----------------------------------------------------------------------------
-
-  function formatMs(ms) {
-    const seconds = Math.max(0, Math.round(ms / 1000));
-    if (seconds < 60) return `${seconds} s`;
-    return `${Math.floor(seconds / 60)} min ${seconds % 60} s`;
-  }
-
-  function setBar(percent, text) {
-    const value = Math.max(0, Math.min(100, percent));
-    const bar = $("bar");
-    bar.setAttribute("aria-valuenow", String(Math.round(value * 10) / 10));
-    bar.setAttribute("aria-valuetext", text);
-    $("bar-fill").style.width = `${value}%`;
-    $("progress-text").textContent = text;
-  }
-
-  function resetProgress() {
-    setBar(0, "Waiting for the server…");
-    $("preview-figure").hidden = true;
-  }
-
-  function showState(job) {
-    if (job.status === "pending") {
-      const place = job.queuePosition ? `: position ${job.queuePosition} in the queue` : "";
-      setBar(0, `Queued${place}`);
-      return;
-    }
-    if (job.status !== "in_progress" || !job.progress) return;
-    const p = job.progress;
-    const parts = [
-      STAGES[p.stage] || p.stage,
-      `image ${p.currentImage} of ${p.totalImages}`,
-      `step ${p.currentStep}/${p.totalSteps}`,
-      `${Math.floor(p.percentage)}%`,
-    ];
-    if (typeof p.etaMs === "number") parts.push(`ETA ${formatMs(p.etaMs)}`);
-    setBar(p.percentage, parts.join(" · "));
-    if (p.preview && p.preview.image) {
-      $("preview-image").src = `data:image/${p.preview.format || "jpeg"};base64,${p.preview.image}`;
-      $("preview-caption").textContent =
-        `Preview of image ${p.currentImage} of ${p.totalImages} at step ${p.preview.step}`;
-      $("preview-figure").hidden = false;
     }
   }
 
