@@ -348,3 +348,22 @@ def test_a_recipe_of_a_model_this_server_lacks(web_server: ServerProcess, page: 
     expect(page.get_by_label("Prompt", exact=True)).to_be_focused()
     expect(page.get_by_label("Model", exact=True)).to_have_value("small")
     expect(page.locator("#status")).to_contain_text(f"This server lacks the {recipe_model}")
+
+
+def test_without_a_model_list_the_servers_architecture_picks_the_loras(
+    web_server: ServerProcess, page: Page
+) -> None:
+    with web_server.client() as http:
+        architecture = http.get("/health").json()["architecture"]
+    answer_404(page, "models")
+    loras = [
+        {"name": "mine", "architecture": architecture},
+        {"name": "other", "architecture": f"not-{architecture}"},
+    ]
+    answer(page, "loras", {"loras": loras})
+    open_choices(page, web_server)
+    expect(page.locator("#model-field")).to_be_hidden()
+    expect(page.locator("#loras-help")).to_contain_text("1 for this model")
+    page.get_by_role("button", name="Add a LoRA").click()
+    assert option_values(page.get_by_label("LoRA 1", exact=True)) == ["mine"]
+    expect(page.get_by_role("button", name="Add a LoRA")).to_be_disabled()

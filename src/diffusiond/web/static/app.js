@@ -49,6 +49,7 @@
     if (Number.isInteger(health.pollIntervalMs)) progress.setPollMs(health.pollIntervalMs);
     $("count").max = String(state.maxBatch);
     $("count-hint").textContent = `(1–${state.maxBatch})`;
+    if (health.architecture) choices.useServerArchitecture(health.architecture);
     const parts = [health.model, health.device, health.version && `v${health.version}`];
     // Without the key /health names no model: then say only the version.
     const label = health.model ? "Model" : "diffusiond";

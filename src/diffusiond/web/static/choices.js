@@ -15,6 +15,7 @@ window.DiffusiondChoices = (() => {
 
   let models = null; // [{id, architecture, format, loaded, default}] from the server, or null
   let loras = null; // [{name, architecture}] from the server, or null
+  let serverArchitecture = null; // /health's, for a server that lists no models
   let rowCount = 0; // ids of LoRA rows are never reused, so labels stay tied to their control
   let hooks = { say: () => {} };
 
@@ -94,7 +95,7 @@ window.DiffusiondChoices = (() => {
   /** The LoRAs the chosen model can take: those of its architecture (all, when unknown). */
   function usableLoras() {
     const model = chosenModel();
-    const architecture = model && model.architecture;
+    const architecture = model ? model.architecture : serverArchitecture;
     return (loras || []).filter((lora) => !architecture || lora.architecture === architecture);
   }
 
@@ -285,6 +286,7 @@ window.DiffusiondChoices = (() => {
     check,
     restore,
     focusTarget,
+    useServerArchitecture: (architecture) => { serverArchitecture = architecture; syncLoras(); },
     hasSampler: (name) => samplerNames().includes(name),
     MODEL_FIELDS: ["model", "loras"],
     SAMPLING_FIELDS: ["sampler", "scheduler", "clipSkip"],
