@@ -29,7 +29,9 @@ CONFIG = SchemathesisConfig.from_dict(
         }
     }
 )
-schema = schemathesis.openapi.from_dict(DOCUMENT, config=CONFIG)
+# The AUTOMATIC1111 routes are left out: a valid txt2img may hold the caller for minutes
+# (n_iter up to 100, a wait for a free worker); tests/unit/test_a1111_api.py checks their rules.
+schema = schemathesis.openapi.from_dict(DOCUMENT, config=CONFIG).exclude(path_regex="^/sdapi/")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_the_served_document_is_the_fuzzed_one(fuzz_server: ServerProcess) -> No
         (path, method)
         for path, item in served["paths"].items()
         for method in item
-        if method != "parameters"
+        if method != "parameters" and not path.startswith("/sdapi/")
     }
     assert operations == {
         ("/v1/images/generations", "post"),

@@ -74,6 +74,24 @@ def test_a_job_runs_to_complete(engine: Engine, registry: GenerationRegistry) ->
     assert engine.stats().admitted == 0
 
 
+def test_the_slot_is_free_when_the_job_shows_as_ended(
+    engine: Engine, registry: GenerationRegistry
+) -> None:
+    """A client that submits the moment it sees its job complete must not be refused."""
+    admitted_when_ended: list[int] = []
+    original = registry.complete
+
+    def complete(job_id: str, result: Any) -> Job:
+        admitted_when_ended.append(engine.stats().admitted)
+        return original(job_id, result)
+
+    registry.complete = complete  # type: ignore[method-assign]
+    watcher = Watcher(registry)
+    job = engine.submit(REQUEST)
+    assert watcher.wait_terminal(job.id).status is JobStatus.COMPLETE
+    assert admitted_when_ended == [0]
+
+
 def test_not_ready_until_loaded(registry: GenerationRegistry, backend: FakeBackend) -> None:
     engine = Engine(registry, backend, max_concurrent=1)
     with pytest.raises(ServerNotReady):

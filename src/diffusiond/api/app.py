@@ -19,6 +19,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from diffusiond.api import errors
+from diffusiond.api.a1111.routes import a1111_mount
 from diffusiond.api.bodies import RenderedBodies
 from diffusiond.api.events import JobEvents, JobFeed, last_event_id, wait_preference
 from diffusiond.api.health import check_ready, health_body
@@ -326,6 +327,7 @@ def create_app(
         Route("/v1/images/generations/{id}/images/{index}", endpoints.image, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
+        a1111_mount(registry, engine, events, config),  # /sdapi/v1: docs/API.md
         *web_routes(),
     ]
     # Outermost: a request for a foreign Host or from a foreign Origin goes no further.

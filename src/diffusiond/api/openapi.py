@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffusiond import __version__
+from diffusiond.api.a1111.openapi_paths import a1111_paths
 from diffusiond.api.schemas import MAX_NAME_CHARS, MAX_SEED, MAX_TEXT_CHARS
 from diffusiond.jobs.models import LORA_WEIGHT_LIMIT, MAX_LORAS, SAMPLERS, SCHEDULERS
 
@@ -398,6 +399,7 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
             },
         },
     }
+    paths |= a1111_paths()  # /sdapi/v1, the AUTOMATIC1111 API
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "diffusiond", "version": __version__},

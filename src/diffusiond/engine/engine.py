@@ -297,6 +297,10 @@ class Engine(Admission):
     def _record(self, job_id: str, run: JobRun) -> None:
         """Run the job and write its outcome into the registry."""
         outcome = run.run(self._backend, model=self._model_name, encode=self._encode)
+        with self._lock:
+            # The slot is free before the job shows as ended: a client that submits the
+            # moment it sees its job end must not be refused as busy.
+            self._admitted.pop(job_id, None)
         if isinstance(outcome, Completed):
             result = outcome.result
             self._end_quietly(job_id, lambda jid: self._registry.complete(jid, result))
