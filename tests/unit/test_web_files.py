@@ -55,7 +55,7 @@ def test_the_api_still_needs_the_key() -> None:
 
 def test_every_script_is_there() -> None:
     # The page's modules, each loaded by index.html (a missing one would go unnoticed here).
-    assert {"http.js", "edit.js", "choices.js", "results.js", "progress.js", "app.js"} <= set(SCRIPTS)
+    assert {"http.js", "edit.js", "choices.js", "results.js", "progress.js", "jobs.js", "app.js"} <= set(SCRIPTS)
 
 
 def test_the_page_uses_only_relative_urls_and_nothing_from_elsewhere() -> None:

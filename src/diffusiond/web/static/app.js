@@ -10,6 +10,7 @@
   const choices = window.DiffusiondChoices; // model, LoRAs, sampler, scheduler (choices.js)
   const results = window.DiffusiondResults; // the result list (results.js)
   const progress = window.DiffusiondProgress; // one job followed and shown (progress.js)
+  const jobs = window.DiffusiondJobs; // the recent jobs list (jobs.js)
   const { TERMINAL, jobPath, showState, setBar, formatMs } = progress;
   // In the order of the form: the first one with an error takes the focus.
   const FIELDS = [...choices.MODEL_FIELDS, "prompt", "negativePrompt", ...edit.FIELDS, "width",
@@ -307,7 +308,7 @@
     state.job = null;
     setRunning(false);
     if (final) await finish(final, request);
-    refreshJobs();
+    jobs.refresh();
   }
 
   async function onCancel() {
@@ -387,52 +388,7 @@
     say(`The settings of ${name} are in the form.${edited}${lacking}`);
   }
 
-  // -- recent jobs -------------------------------------------------------------------------
-
-  async function refreshJobs() {
-    let response;
-    try {
-      response = await api("v1/images/generations?limit=20");
-    } catch (error) {
-      $("jobs-empty").textContent = error.message;
-      $("jobs-empty").hidden = false;
-      return;
-    }
-    if (!response.ok) {
-      $("jobs-empty").textContent = (await errorOf(response)).message;
-      $("jobs-empty").hidden = false;
-      return;
-    }
-    const { generations } = await response.json();
-    const list = $("jobs");
-    list.replaceChildren(...generations.map(jobItem));
-    $("jobs-empty").textContent = "None yet.";
-    $("jobs-empty").hidden = generations.length > 0;
-  }
-
-  function jobItem(job) {
-    const item = document.createElement("li");
-    item.dataset.id = job.id;
-    const button = document.createElement("button");
-    button.type = "button";
-    button.className = "job";
-    const when = new Date(job.createdAt).toLocaleTimeString();
-    const badge = document.createElement("span");
-    badge.className = `badge badge-${job.status}`;
-    badge.textContent = job.status.replace("_", " ");
-    const id = document.createElement("span");
-    id.className = "job-id";
-    id.textContent = job.id;
-    const time = document.createElement("span");
-    time.className = "job-time";
-    time.textContent = when;
-    button.append(badge, time, id);
-    button.setAttribute("aria-label", `${job.status.replace("_", " ")} job from ${when}: ${
-      job.status === "complete" ? "show its images" : "show its state"}`);
-    button.addEventListener("click", () => openJob(job.id));
-    item.append(button);
-    return item;
-  }
+  // -- a recent job, opened ----------------------------------------------------------------
 
   async function openJob(id) {
     try {
@@ -451,7 +407,7 @@
       }
     } catch (error) {
       say(`Cannot show ${id}: ${error.message}`);
-      refreshJobs();
+      jobs.refresh();
     }
   }
 
@@ -473,10 +429,10 @@
     }
     edit.setUp({ changed: inputChanged, say });
     results.setUp({ reuseSeed, useAsInput, useSettings });
-    $("jobs-refresh").addEventListener("click", refreshJobs);
-    setSeedRandom($("seedRandom").checked);
+    jobs.setUp({ open: openJob });
+        setSeedRandom($("seedRandom").checked);
     loadHealth();
-    refreshJobs();
+    jobs.refresh();
     choices.setUp({ say }).finally(() => { document.body.dataset.choices = "ready"; });
     document.body.dataset.ready = "true";
   }
