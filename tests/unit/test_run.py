@@ -132,3 +132,4 @@ def test_the_recipe_names_the_model() -> None:
     JobRun("j", REQUEST, pace=Pace()).run(FakeBackend(), model="tiny-model", encode=encode)
     assert len(recipes) == 1
     assert "tiny-model" in str(recipes[0])
+    assert '"architecture":"' + FakeBackend().info().architecture + '"' in str(recipes[0])

@@ -327,7 +327,14 @@ def create_app(
         Route("/v1/images/generations/{id}/images/{index}", endpoints.image, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
-        a1111_mount(registry, engine, events, config),  # /sdapi/v1: docs/API.md
+        a1111_mount(  # /sdapi/v1: docs/API.md
+            registry,
+            engine,
+            events,
+            max_batch=config.max_batch,
+            max_pixels=config.max_pixels,
+            max_body_bytes=config.max_body_bytes,
+        ),
         *web_routes(),
     ]
     # Outermost: a request for a foreign Host or from a foreign Origin goes no further.

@@ -47,7 +47,7 @@ class BackendInfo:
     model: str
     device: str
     dtype: str
-    architecture: str = "unknown"  # sd1, sd2, sdxl
+    architecture: str = "unknown"  # sd1, sd2, sdxl, or a flow family (families.py)
 
 
 class GenerationCancelled(Exception):

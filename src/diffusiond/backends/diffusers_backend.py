@@ -34,6 +34,7 @@ from diffusiond.backends.editing import (
 )
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
+from diffusiond.backends.runtime import is_out_of_memory, prepare_thread, resolve_device
 from diffusiond.backends.samplers import make_scheduler
 from diffusiond.backends.single_file import (
     SINGLE_FILE_SUFFIXES,
@@ -105,12 +106,6 @@ def folder_architecture(path: Path, class_name: str) -> str:
     except (OSError, ValueError):
         return "sd1"
     return "sd2" if text.get("hidden_size") == 1024 else "sd1"
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 class DiffusersBackend:
@@ -227,16 +222,7 @@ class DiffusersBackend:
         return model
 
     def _resolve_device(self) -> str:
-        wanted = self._requested_device
-        has_cuda = bool(torch.cuda.is_available())
-        if wanted == "auto":
-            return "cuda" if has_cuda else "cpu"
-        if wanted.startswith("cuda") and not has_cuda:
-            raise ModelLoadError(
-                f"device {wanted!r} was asked for, but PyTorch {torch.__version__} sees no "
-                "CUDA device; use --device cpu"
-            )
-        return wanted
+        return resolve_device(self._requested_device)
 
     def generate(
         self,
@@ -250,7 +236,7 @@ class DiffusersBackend:
         except GenerationCancelled:
             raise
         except Exception as exc:
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 raise DeviceOutOfMemory(f"out of memory on {self._device}: {exc}") from exc
             raise
 
@@ -290,17 +276,7 @@ class DiffusersBackend:
         return image
 
     def _prepare_thread(self) -> None:
-        """Settings torch keeps per thread, made on the thread that generates.
-
-        The server loads on one thread and generates on another: OpenMP's thread count is
-        a per-thread setting, and so is flushing denormal numbers to zero (the CPU's
-        control register), which keeps a step's tiny values from the slow path.
-        """
-        if getattr(self._thread_state, "prepared", False):
-            return
-        torch.set_num_threads(self._torch_threads)
-        torch.set_flush_denormal(True)
-        self._thread_state.prepared = True
+        prepare_thread(self._thread_state, self._torch_threads)
 
     def _encode(self, pipeline: Any, spec: ImageSpec) -> dict[str, Any]:
         """The prompt's embeddings, as keyword arguments of the pipeline's call."""

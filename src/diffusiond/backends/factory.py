@@ -16,19 +16,9 @@ def make_backend(settings: Settings) -> Backend:
     settings. Nothing is loaded here: the caller loads the model where it will run it.
     """
     if settings.backend == "diffusers":
-        from diffusiond.backends.diffusers_backend import DiffusersBackend, check_model_path
+        from diffusiond.backends.dispatch import backend_for_model_path
 
-        if settings.model is not None:
-            check_model_path(settings.model)
-        return DiffusersBackend(
-            model_path=settings.model,
-            home=settings.home,
-            device=settings.device,
-            torch_threads=settings.torch_threads,
-            dtype=settings.dtype,
-            model_config=settings.model_config,
-            compile_model=settings.compile,
-        )
+        return backend_for_model_path(settings.model, settings)
     module_name, _, attribute = settings.backend.partition(":")
     if not module_name or not attribute:
         raise SettingsError(

@@ -120,9 +120,10 @@ def classify_error(exc: BaseException) -> ErrorCode:
     return ErrorCode.UNKNOWN_ERROR
 
 
-def image_recipe(spec: ImageSpec, model: str) -> dict[str, str]:
-    """The PNG text chunks that let one image be made again: its parameters and model, and
-    for an edit its mode, strength, mask blur and the SHA-256 of the images it was given."""
+def image_recipe(spec: ImageSpec, model: str, architecture: str = "unknown") -> dict[str, str]:
+    """The PNG text chunks that let one image be made again: its parameters, model and the
+    model's family (`architecture`, as /health says it), and for an edit its mode, strength,
+    mask blur and the SHA-256 of the images it was given."""
     recipe: dict[str, object] = {
         "prompt": spec.prompt,
         "negativePrompt": spec.negative_prompt,
@@ -134,6 +135,7 @@ def image_recipe(spec: ImageSpec, model: str) -> dict[str, str]:
         "sampler": spec.sampler,
         "scheduler": spec.scheduler,
         "model": model,
+        "architecture": architecture,
         "version": __version__,
         "mode": "txt2img",
     }

@@ -243,8 +243,10 @@ class JobRun:
         """Draw the batch; the outcome, never an exception from the generation itself."""
         self.mark_started()
 
+        architecture = backend.info().architecture
+
         def recipe(spec: ImageSpec) -> dict[str, str]:
-            return image_recipe(spec, model)
+            return image_recipe(spec, model, architecture)
 
         try:
             images, timings = run_batch(

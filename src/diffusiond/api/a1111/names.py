@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import LORA_WEIGHT_LIMIT, MAX_LORAS
 
+PREFIX = "/sdapi/v1"  # where the AUTOMATIC1111 routes are mounted
+
 
 @dataclass(frozen=True)
 class A1111Sampler:

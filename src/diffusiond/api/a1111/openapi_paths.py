@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusiond.api.a1111.names import SAMPLER_TABLE, SCHEDULER_TABLE
+from diffusiond.api.a1111.names import PREFIX, SAMPLER_TABLE, SCHEDULER_TABLE
 from diffusiond.api.a1111.parse import MAX_MASK_BLUR, MAX_N_ITER, MAX_SEED, MAX_TEXT_CHARS
-from diffusiond.api.a1111.routes import PREFIX
 
 _ERROR = {
     "type": "object",

@@ -18,7 +18,6 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -27,6 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from diffusiond.api.a1111.names import (
+    PREFIX,
     Checkpoint,
     map_checkpoint,
     samplers_available,
@@ -65,10 +65,6 @@ from diffusiond.jobs.models import (
     LoraWeight,
 )
 
-if TYPE_CHECKING:
-    from diffusiond.api.app import ApiConfig
-
-PREFIX = "/sdapi/v1"
 WAIT_LIMIT_S = 600  # how long a call waits for a free worker before a 503
 SMALL_BODY_BYTES = 64 * 1024  # /options
 LIVE_PREVIEW_EVERY = 1  # diffusion steps between the previews /progress shows
@@ -373,15 +369,21 @@ def a1111_app(api: A1111Api) -> Starlette:
 
 
 def a1111_mount(
-    registry: JobSource, engine: JobRunner, events: JobEvents, config: ApiConfig
+    registry: JobSource,
+    engine: JobRunner,
+    events: JobEvents,
+    *,
+    max_batch: int,
+    max_pixels: int,
+    max_body_bytes: int,
 ) -> Mount:
     """/sdapi/v1 for the app of api/app.py, with its limits."""
     api = A1111Api(
         registry,
         engine,
         events,
-        max_batch=config.max_batch,
-        max_pixels=config.max_pixels,
-        max_body_bytes=config.max_body_bytes,
+        max_batch=max_batch,
+        max_pixels=max_pixels,
+        max_body_bytes=max_body_bytes,
     )
     return Mount(PREFIX, app=a1111_app(api))
