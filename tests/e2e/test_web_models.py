@@ -292,7 +292,9 @@ def fake_catalog(page: Page) -> None:
     answer(page, "loras", {"loras": loras})
 
 
-def test_loras_follow_the_model_at_most_eight(web_server: ServerProcess, page: Page) -> None:
+def test_loras_follow_the_model_at_most_eight(
+    web_server: ServerProcess, page: Page, output_dir: Path
+) -> None:
     fake_catalog(page)
     open_choices(page, web_server)
     model = page.get_by_label("Model", exact=True)
@@ -315,6 +317,11 @@ def test_loras_follow_the_model_at_most_eight(web_server: ServerProcess, page: P
              .filter(control => control.labels.length === 0).map(control => control.id)"""
     )
     assert unlabelled == [], f"controls without a label: {unlabelled}"
+    page.set_viewport_size({"width": 360, "height": 740})
+    width = page.evaluate("document.scrollingElement.scrollWidth")
+    assert width <= 360, f"the page scrolls sideways at 360 px with 8 LoRAs: {width} px wide"
+    page.locator("#generate-form").screenshot(path=output_dir / "narrow-loras.png")
+    page.set_viewport_size({"width": 1280, "height": 900})
 
     # Removing one renumbers the rest and frees its name for another row.
     page.get_by_role("button", name="Remove LoRA 3").click()
