@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 
 # What index.html lists when the server has no GET /v1/samplers.
 PAGE_SAMPLERS = ["euler_a", "euler", "heun", "dpm2", "dpm++2s_a", "dpm++2m", "dpm++2mv2", "lcm",
-                 "ddim", "unipc"]  # fmt: skip
+                 "ddim", "unipc", "er_sde", "euler_cfg_pp", "euler_a_cfg_pp"]  # fmt: skip
 PAGE_SCHEDULERS = ["discrete", "karras", "exponential", "sgm_uniform", "simple"]
 NEW_FIELDS = ("model", "loras", "scheduler", "clipSkip")
 

@@ -48,6 +48,7 @@ from diffusiond.errors import (
     PayloadTooLarge,
 )
 from diffusiond.jobs.models import GenerationRequest, Job, JobStatus
+from diffusiond.sampling import samplers_body
 from diffusiond.web import web_routes
 
 if TYPE_CHECKING:
@@ -292,6 +293,9 @@ class _Endpoints:
             )
         return _json(self._openapi)
 
+    async def samplers(self, _request: Request) -> Response:
+        return _json(dump(samplers_body()))
+
     async def health(self, request: Request) -> Response:
         api_key = self._config.api_key
         full = api_key is None or carries_key(request.headers, api_key)
@@ -325,6 +329,7 @@ def create_app(
         Route("/v1/images/generations/{id}", endpoints.generation, methods=["GET", "DELETE"]),
         Route("/v1/images/generations/{id}/events", endpoints.events, methods=["GET"]),
         Route("/v1/images/generations/{id}/images/{index}", endpoints.image, methods=["GET"]),
+        Route("/v1/samplers", endpoints.samplers, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
         a1111_mount(  # /sdapi/v1: docs/API.md

@@ -66,7 +66,13 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                     },
                     "description": "LoRAs of GET /v1/loras to apply, each name once",
                 },
-                "scheduler": {"type": ["string", "null"], "enum": [*SCHEDULERS, None]},
+                "scheduler": {
+                    "type": ["string", "null"],
+                    "enum": [*SCHEDULERS, None],
+                    "description": "the noise schedule; karras and exponential not with "
+                    "euler_a, lcm, ddim; sgm_uniform and simple not with dpm++2s_a, lcm "
+                    "(a 400 naming scheduler)",
+                },
                 "clipSkip": {**nullable_int, "minimum": 1, "maximum": 12},
                 "preview": {
                     "type": ["boolean", "null"],
@@ -206,6 +212,17 @@ def _schemas(max_batch: int) -> dict[str, Any]:
             "type": "object",
             "required": ["id", "status"],
             "properties": {"id": {"type": "string"}, "status": {"const": "cancelled"}},
+        },
+        "Samplers": {
+            "type": "object",
+            "required": ["samplers", "schedulers"],
+            "properties": {
+                "samplers": {"type": "array", "items": {"type": "string", "enum": [*SAMPLERS]}},
+                "schedulers": {
+                    "type": "array",
+                    "items": {"type": "string", "enum": [*SCHEDULERS]},
+                },
+            },
         },
         "Health": {
             "type": "object",
@@ -384,6 +401,15 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
                         "content": {"image/png": {"schema": {"type": "string"}}},
                     },
                     "404": _error("unknown id, not complete yet, or no such image"),
+                    **unauthorized,
+                },
+            },
+        },
+        "/v1/samplers": {
+            "get": {
+                "operationId": "listSamplers",
+                "responses": {
+                    "200": _json(_ref("Samplers"), "the sampler and scheduler names"),
                     **unauthorized,
                 },
             },

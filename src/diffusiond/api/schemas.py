@@ -25,6 +25,7 @@ from diffusiond.jobs.models import (
     Result,
     StageTimings,
 )
+from diffusiond.sampling import schedule_problem
 
 MAX_TEXT_CHARS = 10_000
 MAX_SEED = 2**32 - 1
@@ -257,6 +258,7 @@ def parse_generation_request(
             )
     request = GenerationRequest(**values)
     _check_pixel_budget(request, max_pixels)
+    _check_schedule(request)
     return request
 
 
@@ -286,6 +288,15 @@ def parse_list_query(
             raise InvalidRequest("limit may be given once", field="limit", rule="given once")
         limit = int_param(limits[0], name="limit", low=1, high=MAX_LIST_LIMIT)
     return (frozenset(wanted) if wanted else None), limit
+
+
+def _check_schedule(request: GenerationRequest) -> None:
+    problem = schedule_problem(request.sampler, request.scheduler)
+    if problem is not None:
+        rule = f"with sampler {request.sampler}: one of " + ", ".join(
+            name for name in SCHEDULERS if schedule_problem(request.sampler, name) is None
+        )
+        raise InvalidRequest(problem, field="scheduler", rule=rule)
 
 
 def _check_pixel_budget(request: GenerationRequest, max_pixels: int) -> None:

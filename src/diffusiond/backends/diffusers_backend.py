@@ -25,6 +25,7 @@ from diffusiond.backends.base import (
     StageCallback,
 )
 from diffusiond.backends.builtin_model import BUILTIN_MODEL_NAME, ensure_builtin_model
+from diffusiond.backends.clip_skip import encode_skipping_layers, pipeline_clip_skip
 from diffusiond.backends.editing import (
     PreparedEdit,
     edit_pipeline,
@@ -32,6 +33,7 @@ from diffusiond.backends.editing import (
     paste_back,
     prepare_edit,
 )
+from diffusiond.backends.k_samplers import unconditional_capture
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
 from diffusiond.backends.runtime import is_out_of_memory, prepare_thread, resolve_device
@@ -44,6 +46,7 @@ from diffusiond.backends.single_file import (
 from diffusiond.errors import ModelLoadError
 from diffusiond.jobs.models import Stage
 from diffusiond.memory import trim_heap
+from diffusiond.sampling import pipeline_guidance, runs_unconditional
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -253,9 +256,11 @@ class DiffusersBackend:
         on_stage(Stage.LOADING, 0, 1)
         edit = prepare_edit(spec, inpainting_unet=is_inpainting_unet(self._pipeline))
         if edit is None:
-            pipeline = self._pipeline_for(spec.sampler)
+            pipeline = self._pipeline_for(spec.sampler, spec.scheduler)
         else:
-            scheduler = make_scheduler(spec.sampler, self._pipeline.scheduler.config)
+            scheduler = make_scheduler(
+                spec.sampler, self._pipeline.scheduler.config, spec.scheduler
+            )
             pipeline = edit_pipeline(self._pipeline, self._architecture, edit, scheduler)
         with torch.inference_mode():
             embeds = self._encode(pipeline, spec)
@@ -280,8 +285,9 @@ class DiffusersBackend:
 
     def _encode(self, pipeline: Any, spec: ImageSpec) -> dict[str, Any]:
         """The prompt's embeddings, as keyword arguments of the pipeline's call."""
-        guided = spec.cfg_scale > 1
+        guided = runs_unconditional(spec.sampler, spec.cfg_scale)
         negative = spec.negative_prompt or None
+        clip_skip = pipeline_clip_skip(pipeline, spec.clip_skip, self._architecture == "sdxl")
         if self._architecture == "sdxl":
             embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
                 spec.prompt,
@@ -289,6 +295,7 @@ class DiffusersBackend:
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=guided,
                 negative_prompt=negative,
+                clip_skip=clip_skip,
             )
             return {
                 "prompt_embeds": embeds,
@@ -296,6 +303,8 @@ class DiffusersBackend:
                 "pooled_prompt_embeds": pooled,
                 "negative_pooled_prompt_embeds": negative_pooled,
             }
+        if clip_skip is not None:
+            return encode_skipping_layers(pipeline, spec.prompt, negative, guided, clip_skip)
         embeds, negative_embeds = pipeline.encode_prompt(
             spec.prompt, self._device, 1, guided, negative
         )
@@ -353,23 +362,25 @@ class DiffusersBackend:
         generator = torch.Generator(device="cpu").manual_seed(spec.seed)
         size = {"width": spec.width, "height": spec.height}
         images = edit.call_kwargs(**size) if edit is not None else size
-        return pipeline(
-            **embeds,
-            **images,
-            num_inference_steps=spec.steps,
-            guidance_scale=spec.cfg_scale,
-            generator=generator,
-            output_type="latent",
-            callback_on_step_end=after_step,
-        ).images
+        # CFG++ samplers need the unguided prediction (and may guide below 1).
+        with unconditional_capture(pipeline, spec.cfg_scale):
+            return pipeline(
+                **embeds,
+                **images,
+                num_inference_steps=spec.steps,
+                guidance_scale=pipeline_guidance(spec.sampler, spec.cfg_scale),
+                generator=generator,
+                output_type="latent",
+                callback_on_step_end=after_step,
+            ).images
 
-    def _pipeline_for(self, sampler: str) -> Any:
+    def _pipeline_for(self, sampler: str, scheduler: str = "discrete") -> Any:
         """A pipeline sharing the loaded modules, with its own fresh scheduler."""
 
         base = self._pipeline
         components = {
             **base.components,
-            "scheduler": make_scheduler(sampler, base.scheduler.config),
+            "scheduler": make_scheduler(sampler, base.scheduler.config, scheduler),
         }
         extra = {"requires_safety_checker": False} if "safety_checker" in components else {}
         pipeline = type(base)(**components, **extra)

@@ -6,6 +6,7 @@ never mutated on a shared pipeline.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,14 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from diffusiond.backends.k_samplers import (
+    ERSDEScheduler,
+    EulerAncestralCFGPPScheduler,
+    EulerAncestralScheduler,
+    EulerCFGPPScheduler,
+)
 from diffusiond.jobs.models import SAMPLERS
+from diffusiond.sampling import schedule_overrides
 
 
 @dataclass(frozen=True)
@@ -49,12 +57,32 @@ SAMPLER_CLASSES: Mapping[str, SchedulerChoice] = {
     "lcm": SchedulerChoice(LCMScheduler),
     "ddim": SchedulerChoice(DDIMScheduler),
     "unipc": SchedulerChoice(UniPCMultistepScheduler),
+    # The seed system's three (k_samplers.py): sigma-space samplers on Euler's schedule.
+    "er_sde": SchedulerChoice(ERSDEScheduler),
+    "euler_cfg_pp": SchedulerChoice(EulerCFGPPScheduler),
+    "euler_a_cfg_pp": SchedulerChoice(EulerAncestralCFGPPScheduler),
 }
+
+# diffusers' EulerAncestralDiscreteScheduler has no Karras or exponential sigmas: for those
+# schedules euler_a runs as the same step on Euler's schedule (k_samplers.py).
+SIGMA_SCHEDULE_CLASSES: Mapping[str, SchedulerChoice] = {
+    "euler_a": SchedulerChoice(EulerAncestralScheduler),
+}
+SIGMA_SCHEDULES = frozenset({"karras", "exponential"})
 
 assert tuple(SAMPLER_CLASSES) == SAMPLERS, "the scheduler table must cover every API sampler"
 
 
-def make_scheduler(sampler: str, base_config: Mapping[str, Any]) -> Any:
-    """A fresh scheduler for `sampler`, built from the model's scheduler config."""
+def make_scheduler(
+    sampler: str, base_config: Mapping[str, Any], scheduler: str = "discrete"
+) -> Any:
+    """A fresh scheduler for `sampler` on the `scheduler` noise schedule, built from the
+    model's scheduler config (sampling.py says which pairs can run)."""
     choice = SAMPLER_CLASSES[sampler]
-    return choice.scheduler_class.from_config(dict(base_config), **choice.overrides)
+    if scheduler in SIGMA_SCHEDULES:
+        choice = SIGMA_SCHEDULE_CLASSES.get(sampler, choice)
+    # The schedule's options the class takes (others it would only warn about).
+    known = inspect.signature(choice.scheduler_class.__init__).parameters
+    schedule = {k: v for k, v in schedule_overrides(sampler, scheduler).items() if k in known}
+    options = {**choice.overrides, **schedule}
+    return choice.scheduler_class.from_config(dict(base_config), **options)

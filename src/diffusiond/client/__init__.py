@@ -17,7 +17,7 @@ from diffusiond.client.errors import (
     UnauthorizedError,
     UnsafeAnswerError,
 )
-from diffusiond.client.models import GeneratedImage, Generation, Health, Progress, safe_id
+from diffusiond.client.models import GeneratedImage, Generation, Health, Progress, Samplers, safe_id
 from diffusiond.client.png import png_input_hashes, png_parameters
 from diffusiond.client.sync import Client
 
@@ -37,6 +37,7 @@ __all__ = [
     "InvalidRequestError",
     "NotFoundError",
     "Progress",
+    "Samplers",
     "ServerBusyError",
     "ServerError",
     "ServerNotReadyError",

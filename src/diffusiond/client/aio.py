@@ -13,7 +13,7 @@ import httpx
 from diffusiond.client import _protocol as proto
 from diffusiond.client.errors import ServerBusyError
 from diffusiond.client.inputs import ImageInput
-from diffusiond.client.models import GeneratedImage, Generation, Health
+from diffusiond.client.models import GeneratedImage, Generation, Health, Samplers
 
 
 class AsyncClient:
@@ -128,6 +128,10 @@ class AsyncClient:
 
     async def health(self) -> Health:
         return Health.from_wire(await self._call("GET", "/health"))
+
+    async def samplers(self) -> Samplers:
+        """The sampler and scheduler names the server takes (GET /v1/samplers)."""
+        return Samplers.from_wire(await self._call("GET", "/v1/samplers"))
 
     async def image_png(self, generation_id: str, index: int = 0) -> bytes:
         """The PNG bytes of image `index` (0-based) of a complete generation."""

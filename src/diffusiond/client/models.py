@@ -161,3 +161,15 @@ class Health:
             version=body.get("version"),
             raw=body,
         )
+
+
+@dataclass(frozen=True)
+class Samplers:
+    """The server's GET /v1/samplers answer: the names a request may give."""
+
+    samplers: tuple[str, ...]
+    schedulers: tuple[str, ...]
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Samplers:
+        return cls(samplers=tuple(body["samplers"]), schedulers=tuple(body["schedulers"]))

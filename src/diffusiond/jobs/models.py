@@ -69,6 +69,9 @@ SAMPLERS: tuple[str, ...] = (
     "lcm",
     "ddim",
     "unipc",
+    "er_sde",
+    "euler_cfg_pp",
+    "euler_a_cfg_pp",
 )
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import LORA_WEIGHT_LIMIT, MAX_LORAS
+from diffusiond.sampling import schedule_problem
 
 PREFIX = "/sdapi/v1"  # where the AUTOMATIC1111 routes are mounted
 
@@ -127,6 +128,9 @@ def map_sampler(
         chosen = suffix_schedule or entry.default_scheduler
     if chosen not in schedulers:  # a sampler's default this server cannot run
         chosen = "discrete"
+    problem = schedule_problem(entry.sampler, chosen)  # e.g. DDIM on Karras sigmas
+    if problem is not None:
+        raise InvalidRequest(problem, field="scheduler", rule="a schedule the sampler takes")
     return entry.sampler, chosen
 
 
