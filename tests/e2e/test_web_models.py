@@ -189,9 +189,6 @@ def test_the_servers_refusals_shown_by_their_controls(
     ghost_model = {**default, "id": "phantom", "loaded": False, "default": False}
     answer_with(page, "loras", lambda body: {"loras": [*body["loras"], ghost_lora]})
     answer_with(page, "models", lambda body: {"models": [*body["models"], ghost_model]})
-    answer_with(
-        page, "samplers", lambda body: {**body, "schedulers": [*body["schedulers"], "bogus"]}
-    )
     posts = record_posts(page)
     open_choices(page, catalog_server)
     fill_form(page, width=64, height=64, steps=2)
@@ -236,12 +233,15 @@ def test_the_servers_refusals_shown_by_their_controls(
     page.get_by_label("Model", exact=True).select_option(default["id"])
     expect(page.locator("#model-error")).to_be_hidden()
 
-    # A scheduler it does not have: by the scheduler select.
-    page.get_by_label("Scheduler").select_option("bogus")
+    # A scheduler its sampler cannot run (the server's pair rule): by the scheduler select.
+    page.get_by_label("Sampler").select_option("ddim")
+    page.get_by_label("Scheduler").select_option("karras")
     page.get_by_role("button", name="Generate").click()
-    expect(page.locator("#scheduler-error")).to_contain_text("scheduler must be one of")
+    expect(page.locator("#scheduler-error")).to_contain_text(
+        "scheduler karras cannot be used with sampler ddim"
+    )
     expect(page.get_by_label("Scheduler")).to_be_focused()
-    assert posts[-1]["scheduler"] == "bogus"
+    assert (posts[-1]["sampler"], posts[-1]["scheduler"]) == ("ddim", "karras")
     assert len(posts) == 3
     expect(page.locator("#form-error")).to_be_hidden()
 
