@@ -58,6 +58,8 @@ WORKER_FIELDS = frozenset(
     {
         "broker",
         "model",
+        "models_dir",  # where a worker's LoRAs are (MODELS_DIR/loras)
+        "loras_dir",
         "device",
         "backend",
         "home",

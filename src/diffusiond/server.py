@@ -16,6 +16,7 @@ from diffusiond.api.app import ApiConfig, create_app
 from diffusiond.api.events import JobEvents
 from diffusiond.backends.base import Backend
 from diffusiond.backends.factory import make_backend
+from diffusiond.backends.lora_files import LoraCatalog, LoraChoices, lora_folder
 from diffusiond.engine.engine import Engine
 from diffusiond.errors import ModelLoadError
 from diffusiond.jobs.registry import GenerationRegistry, TtlSweeper
@@ -59,7 +60,13 @@ class Service:
             ApiConfig.from_settings(self.settings),
             lifespan=self._lifespan,
             events=self.events,
+            loras=self.lora_choices(),
         )
+
+    def lora_choices(self) -> LoraChoices:
+        """The LoRA folder's files, for the default model's architecture."""
+        folder = lora_folder(self.settings.models_dir, self.settings.loras_dir)
+        return LoraChoices(LoraCatalog(folder), lambda _model: self.engine.info().architecture)
 
     @asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:

@@ -27,7 +27,7 @@ from diffusiond.api.idempotency import IdempotencyKeys, check_idempotency_key
 from diffusiond.api.limits import StreamSlots
 from diffusiond.api.openapi import openapi_document
 from diffusiond.api.params import read_uint, shown
-from diffusiond.api.ports import JobRunner, JobSource, Offload
+from diffusiond.api.ports import JobRunner, JobSource, LoraPort, Offload
 from diffusiond.api.schemas import (
     DEFAULT_MAX_PIXELS,
     dump,
@@ -41,6 +41,7 @@ from diffusiond.api.security import (
     SameSiteMiddleware,
     carries_key,
 )
+from diffusiond.backends.lora_files import LoraCatalog, LoraChoices
 from diffusiond.errors import (
     DiffusiondError,
     InvalidRequest,
@@ -148,8 +149,11 @@ class _Endpoints:
         config: ApiConfig,
         events: JobEvents,
         bodies: RenderedBodies,
+        *,
+        loras: LoraPort,
     ) -> None:
         self._registry = registry
+        self._loras = loras
         self._engine = engine
         self._config = config
         self._events = events
@@ -201,6 +205,8 @@ class _Endpoints:
         # A body with images takes milliseconds to check (base64, a full decode): off the
         # event loop, so that polls and streams of other jobs are not held up meanwhile.
         parsed = parse() if len(body) <= MAX_BODY_BYTES else await asyncio.to_thread(parse)
+        if parsed.loras:  # reads the LoRA folder (and, in broker mode, Redis): off the loop
+            await asyncio.to_thread(self._loras.check, parsed.model, parsed.loras)
         raw_key = request.headers.get("idempotency-key")
         key = check_idempotency_key(raw_key) if raw_key is not None else None
         wait_s = wait_preference(request)
@@ -284,6 +290,9 @@ class _Endpoints:
         jobs = self._registry.list(statuses, limit)
         return _json(dump({"generations": [summary_body(job) for job in jobs]}))
 
+    async def loras(self, _request: Request) -> Response:
+        return _json(dump({"loras": await asyncio.to_thread(self._loras.listing)}))
+
     async def openapi(self, _request: Request) -> Response:
         if self._openapi is None:
             self._openapi = dump(
@@ -317,18 +326,24 @@ def create_app(
     config: ApiConfig,
     lifespan: Lifespan | None = None,
     events: JobEvents | None = None,
+    *,
+    loras: LoraPort | None = None,
 ) -> Starlette:
-    """The HTTP API of ../shared/API.md over a registry and an engine."""
+    """The HTTP API of ../shared/API.md over a registry and an engine; `loras` is what
+    requests' LoRAs are listed and checked against (None: no LoRAs)."""
     events = events if events is not None else JobEvents()
     bodies = RenderedBodies()
     registry.add_listener(events.on_change)
     registry.add_listener(bodies.on_change)
-    endpoints = _Endpoints(registry, engine, config, events, bodies)
+    if loras is None:
+        loras = LoraChoices(LoraCatalog(None), lambda _model: engine.info().architecture)
+    endpoints = _Endpoints(registry, engine, config, events, bodies, loras=loras)
     routes = [
         Route("/v1/images/generations", endpoints.generations, methods=["GET", "POST"]),
         Route("/v1/images/generations/{id}", endpoints.generation, methods=["GET", "DELETE"]),
         Route("/v1/images/generations/{id}/events", endpoints.events, methods=["GET"]),
         Route("/v1/images/generations/{id}/images/{index}", endpoints.image, methods=["GET"]),
+        Route("/v1/loras", endpoints.loras, methods=["GET"]),
         Route("/v1/samplers", endpoints.samplers, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),

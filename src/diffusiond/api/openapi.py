@@ -261,6 +261,25 @@ def _schemas(max_batch: int) -> dict[str, Any]:
     }
 
 
+_LORA_LIST = {
+    "type": "object",
+    "required": ["loras"],
+    "properties": {
+        "loras": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "architecture"],
+                "properties": {
+                    "name": {"type": "string", "description": "the file's stem"},
+                    "architecture": {"enum": ["sd1", "sd2", "sdxl", "unknown"]},
+                },
+            },
+        }
+    },
+}
+
+
 def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
     """The document for a server with these settings."""
     unauthorized = {"401": _error("missing or wrong API key")} if secured else {}
@@ -401,6 +420,15 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
                         "content": {"image/png": {"schema": {"type": "string"}}},
                     },
                     "404": _error("unknown id, not complete yet, or no such image"),
+                    **unauthorized,
+                },
+            },
+        },
+        "/v1/loras": {
+            "get": {
+                "operationId": "listLoras",
+                "responses": {
+                    "200": _json(_LORA_LIST, "the LoRA folder's LoRAs, by name"),
                     **unauthorized,
                 },
             },

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import ParamSpec, Protocol, TypeVar
 
 from diffusiond.backends.base import BackendInfo
 from diffusiond.engine.engine import EngineStats
-from diffusiond.jobs.models import GenerationRequest, Job, JobListener, JobStatus
+from diffusiond.jobs.models import GenerationRequest, Job, JobListener, JobStatus, LoraWeight
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -63,6 +63,19 @@ class JobRunner(Protocol):
 
     @property
     def draining(self) -> bool: ...
+
+
+class LoraPort(Protocol):
+    """The LoRAs a request may name: listed by GET /v1/loras, checked before admission."""
+
+    def listing(self) -> builtins.list[dict[str, str]]:
+        """{"name", "architecture"} of each LoRA, by name."""
+        ...
+
+    def check(self, model: str | None, loras: Sequence[LoraWeight]) -> None:
+        """Raise InvalidRequest (field `loras`) for an unknown LoRA or one made for another
+        architecture than the model's (`model`: its id; None: the default model)."""
+        ...
 
 
 class Offload:

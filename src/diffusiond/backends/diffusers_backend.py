@@ -34,6 +34,8 @@ from diffusiond.backends.editing import (
     prepare_edit,
 )
 from diffusiond.backends.k_samplers import unconditional_capture
+from diffusiond.backends.lora_files import LoraCatalog
+from diffusiond.backends.loras import PipelineLoras
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
 from diffusiond.backends.runtime import is_out_of_memory, prepare_thread, resolve_device
@@ -126,6 +128,7 @@ class DiffusersBackend:
         model_config: Path | None = None,
         channels_last: bool = True,
         compile_model: bool = False,
+        loras_dir: Path | None = None,
     ) -> None:
         share_one_malloc_arena()  # before the engine's workers start: see allocator.py
         self._model_path = model_path
@@ -142,11 +145,23 @@ class DiffusersBackend:
         self._dtype_name = "float32"
         self._load_lock = threading.Lock()
         self._thread_state = threading.local()
+        self._lora_catalog = LoraCatalog(loras_dir)
+        self._loras: PipelineLoras | None = None
 
     def load(self) -> None:
         with self._load_lock:
             if self._pipeline is None:
                 self._pipeline = self._load()
+                self._loras = self._pipeline_loras(self._pipeline)
+
+    def _pipeline_loras(self, pipeline: Any) -> PipelineLoras:
+        """The LoRAs of requests, applied to `pipeline`'s modules (backends/loras.py)."""
+        return PipelineLoras(
+            pipeline,
+            self._lora_catalog,
+            architecture=lambda: self._architecture,
+            after_load=use_channels_last if self._channels_last else None,
+        )
 
     def info(self) -> BackendInfo:
         model = str(self._model_path) if self._model_path is not None else BUILTIN_MODEL_NAME
@@ -250,7 +265,7 @@ class DiffusersBackend:
         should_cancel: CancelCheck,
         on_preview: PreviewCallback | None,
     ) -> Image:
-        if self._pipeline is None:
+        if self._pipeline is None or self._loras is None:
             raise RuntimeError("the model is not loaded")
         self._prepare_thread()
         on_stage(Stage.LOADING, 0, 1)
@@ -262,7 +277,7 @@ class DiffusersBackend:
                 spec.sampler, self._pipeline.scheduler.config, spec.scheduler
             )
             pipeline = edit_pipeline(self._pipeline, self._architecture, edit, scheduler)
-        with torch.inference_mode():
+        with self._loras.applied(spec.loras), torch.inference_mode():
             embeds = self._encode(pipeline, spec)
             if should_cancel():
                 raise GenerationCancelled

@@ -41,6 +41,7 @@ def backend_for_model_path(path: Path | None, settings: Settings) -> Backend:
             dtype=settings.dtype,
         )
     from diffusiond.backends.diffusers_backend import DiffusersBackend, check_model_path
+    from diffusiond.backends.lora_files import lora_folder
 
     if path is not None:
         check_model_path(path)
@@ -52,4 +53,5 @@ def backend_for_model_path(path: Path | None, settings: Settings) -> Backend:
         dtype=settings.dtype,
         model_config=settings.model_config,
         compile_model=settings.compile,
+        loras_dir=lora_folder(settings.models_dir, settings.loras_dir),
     )

@@ -64,7 +64,7 @@ _COARSE = {
     Status.ACTIVE.value: JobStatus.IN_PROGRESS,
     Status.ABORTING.value: JobStatus.IN_PROGRESS,
 }
-_WORKER_FIELDS = ("host", "pid", "backend", "model", "device", "dtype")
+_WORKER_FIELDS = ("host", "pid", "backend", "model", "device", "dtype", "architecture")
 
 
 def _now_ms() -> int:
@@ -237,6 +237,7 @@ class BrokerEngine(Admission):
                     str(worker["model"]),
                     str(worker.get("device", "?")),
                     str(worker.get("dtype", "?")),
+                    str(worker.get("architecture", "unknown")),
                 )
         return BackendInfo("none", "no worker connected", "-", "-")
 

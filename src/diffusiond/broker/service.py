@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 
 from diffusiond.api.app import ApiConfig, create_app
 from diffusiond.api.events import JobEvents
+from diffusiond.backends.lora_files import LoraCatalog, LoraChoices, lora_folder
 from diffusiond.broker.bridge import LoopThread
 from diffusiond.broker.node import BrokerEngine, BrokerRegistry
 from diffusiond.broker.queue import JobOptions, open_queue
@@ -63,7 +64,14 @@ class BrokerService:
             ApiConfig.from_settings(self.settings),
             lifespan=self._lifespan,
             events=self.events,
+            loras=self._lora_choices(),
         )
+
+    def _lora_choices(self) -> LoraChoices:
+        """This node's LoRA folder, for the architecture the workers' model reports (each
+        worker checks again against its own folder before applying)."""
+        folder = lora_folder(self.settings.models_dir, self.settings.loras_dir)
+        return LoraChoices(LoraCatalog(folder), lambda _model: self.engine.info().architecture)
 
     @asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:

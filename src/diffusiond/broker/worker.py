@@ -146,7 +146,11 @@ class WorkerRuntime:
         info = await asyncio.to_thread(load_backend, self._backend)
         self._model = model_name(info)
         self.metadata.update(
-            backend=info.name, model=info.model, device=info.device, dtype=info.dtype
+            backend=info.name,
+            model=info.model,
+            device=info.device,
+            dtype=info.dtype,
+            architecture=info.architecture,
         )
         print("diffusiond: worker ready", flush=True)
 

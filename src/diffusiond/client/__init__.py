@@ -17,7 +17,15 @@ from diffusiond.client.errors import (
     UnauthorizedError,
     UnsafeAnswerError,
 )
-from diffusiond.client.models import GeneratedImage, Generation, Health, Progress, Samplers, safe_id
+from diffusiond.client.models import (
+    GeneratedImage,
+    Generation,
+    Health,
+    LoraInfo,
+    Progress,
+    Samplers,
+    safe_id,
+)
 from diffusiond.client.png import png_input_hashes, png_parameters
 from diffusiond.client.sync import Client
 
@@ -35,6 +43,7 @@ __all__ = [
     "GenerationTimeoutError",
     "Health",
     "InvalidRequestError",
+    "LoraInfo",
     "NotFoundError",
     "Progress",
     "Samplers",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -13,7 +14,7 @@ import httpx
 from diffusiond.client import _protocol as proto
 from diffusiond.client.errors import ServerBusyError
 from diffusiond.client.inputs import ImageInput
-from diffusiond.client.models import GeneratedImage, Generation, Health, Samplers
+from diffusiond.client.models import GeneratedImage, Generation, Health, LoraInfo, Samplers
 
 
 class AsyncClient:
@@ -128,6 +129,10 @@ class AsyncClient:
 
     async def health(self) -> Health:
         return Health.from_wire(await self._call("GET", "/health"))
+
+    async def loras(self) -> builtins.list[LoraInfo]:
+        """The LoRAs the server can apply (GET /v1/loras), by name."""
+        return LoraInfo.listing(await self._call("GET", "/v1/loras"))
 
     async def samplers(self) -> Samplers:
         """The sampler and scheduler names the server takes (GET /v1/samplers)."""

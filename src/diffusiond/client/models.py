@@ -164,6 +164,22 @@ class Health:
 
 
 @dataclass(frozen=True)
+class LoraInfo:
+    """One LoRA of the server's GET /v1/loras: its name (for `loras=`) and architecture."""
+
+    name: str
+    architecture: str
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> LoraInfo:
+        return cls(name=str(body["name"]), architecture=str(body["architecture"]))
+
+    @classmethod
+    def listing(cls, body: dict[str, Any]) -> list[LoraInfo]:
+        return [cls.from_wire(entry) for entry in body["loras"]]
+
+
+@dataclass(frozen=True)
 class Samplers:
     """The server's GET /v1/samplers answer: the names a request may give."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -13,7 +14,7 @@ import httpx
 from diffusiond.client import _protocol as proto
 from diffusiond.client.errors import ServerBusyError
 from diffusiond.client.inputs import ImageInput
-from diffusiond.client.models import GeneratedImage, Generation, Health, Samplers
+from diffusiond.client.models import GeneratedImage, Generation, Health, LoraInfo, Samplers
 
 
 class Client:
@@ -141,6 +142,10 @@ class Client:
 
     def health(self) -> Health:
         return Health.from_wire(self._call("GET", "/health"))
+
+    def loras(self) -> builtins.list[LoraInfo]:
+        """The LoRAs the server can apply (GET /v1/loras), by name."""
+        return LoraInfo.listing(self._call("GET", "/v1/loras"))
 
     def samplers(self) -> Samplers:
         """The sampler and scheduler names the server takes (GET /v1/samplers)."""
