@@ -18,6 +18,7 @@ from playwright.sync_api import Locator, Page, Route, expect
 from diffusiond.backends.builtin_model import ensure_builtin_model
 from tests.e2e.test_web import X, fill_form, open_page
 from tests.e2e.test_web_edit import generate, record_posts
+from tests.support import loras as lora_files
 from tests.support.server import ServerProcess, start_server, wait_idle
 
 pytestmark = pytest.mark.e2e
@@ -36,8 +37,6 @@ def catalog_server(
     """A server whose models dir holds `alpha` (the built-in model's folder under another
     name) and whose LoRA folder holds `detail` (kohya), `style` (peft) and `xl` (made for
     SDXL: never offered with these models)."""
-    from tests.support import loras as lora_files
-
     models_dir = tmp_path_factory.mktemp("web-models")
     shutil.copytree(ensure_builtin_model(web_home), models_dir / "alpha")
     loras_dir = models_dir / "loras"
