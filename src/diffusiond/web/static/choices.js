@@ -158,12 +158,14 @@ window.DiffusiondChoices = (() => {
   function syncLoras() {
     const usable = usableLoras();
     const names = new Set(usable.map((lora) => lora.name));
+    const model = chosenModel();
     for (const row of rows()) {
       const select = row.querySelector("select");
       const name = select.dataset.wanted || select.value;
       if (!names.has(name)) {
         row.remove();
-        hooks.say(`The LoRA ${name} was taken off: it is not for the model ${$("model").value}.`);
+        const target = model ? `the model ${model.id}` : "this server's model";
+        hooks.say(`The LoRA ${name} was taken off: it is not for ${target}.`);
       }
     }
     const kept = rows();
