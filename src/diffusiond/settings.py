@@ -234,7 +234,7 @@ OPTIONS: tuple[Option, ...] = (
         "DIFFUSIOND_MODEL",
         _path,
         "a Stable Diffusion 1.x/2.x/SDXL model: a diffusers folder or a single "
-        ".safetensors/.ckpt checkpoint (default: the built-in model)",
+        ".safetensors/.ckpt/.gguf checkpoint (default: the built-in model)",
         shown_default="the built-in model",
     ),
     Option(

@@ -117,7 +117,7 @@ def test_a_file_of_another_kind_is_refused_naming_it(tmp_path: Path) -> None:
     assert str(lora) in caught.value.message
     text = tmp_path / "model.txt"
     text.write_text("hello")
-    with pytest.raises(ModelLoadError, match=r"not a \.safetensors or \.ckpt"):
+    with pytest.raises(ModelLoadError, match=r"not a \.safetensors, \.ckpt or \.gguf"):
         check_model_path(text)
 
 

@@ -74,7 +74,7 @@ def check_model_path(path: Path) -> None:
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(
-                f"model file {path} is not a .safetensors or .ckpt checkpoint "
+                f"model file {path} is not a .safetensors, .ckpt or .gguf checkpoint "
                 "(give one of those, or a diffusers model folder)"
             )
         return

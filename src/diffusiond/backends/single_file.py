@@ -1,4 +1,4 @@
-"""Single-file Stable Diffusion checkpoints (`.safetensors`, `.ckpt`), loaded offline.
+"""Single-file Stable Diffusion checkpoints (`.safetensors`, `.ckpt`, `.gguf`), loaded offline.
 
 A checkpoint in the original CompVis/ldm layout holds the weights only. The architecture is
 read from its keys; the model configs for it ship inside this package (`configs/`), and so
@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
+from diffusiond.backends.gguf_file import GGUF_SUFFIX, GgufFile, open_gguf
 from diffusiond.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", GGUF_SUFFIX)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -141,9 +142,13 @@ class Checkpoint:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: SafetensorsFile | None = None
+        self._gguf: GgufFile | None = None
         self._state: dict[str, Any] | None = None
         try:
-            if path.suffix == ".safetensors":
+            if path.suffix.lower() == GGUF_SUFFIX:
+                self._gguf = open_gguf(path, UNET_PREFIX)
+                self.keys = frozenset(self._gguf.tensors)
+            elif path.suffix == ".safetensors":
                 self._file = SafetensorsFile(path)
                 self.keys = frozenset(self._file.entries)
             else:
@@ -160,6 +165,8 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         if self._file is not None:
             return self._file.entries[key][1]
+        if self._gguf is not None:
+            return self._gguf.tensors[key].shape
         assert self._state is not None
         return tuple(self._state[key].shape)
 
@@ -169,6 +176,8 @@ class Checkpoint:
         try:
             if self._file is not None:
                 return self._file.read(keys, dtype)
+            if self._gguf is not None:
+                return self._gguf.read(keys, dtype)
             assert self._state is not None
             return {
                 key: self._state[key].to(dtype)
@@ -183,6 +192,7 @@ class Checkpoint:
 
     def close(self) -> None:
         self._file = None
+        self._gguf = None
         self._state = None
 
 
