@@ -58,7 +58,9 @@ WORKER_FIELDS = frozenset(
     {
         "broker",
         "model",
-        "models_dir",  # where a worker's LoRAs are (MODELS_DIR/loras)
+        "model_config",
+        "models_dir",  # each worker serves every model (and LoRA) of its own models dir
+        "max_loaded_models",
         "loras_dir",
         "device",
         "backend",

@@ -1,4 +1,4 @@
-"""The client-side commands of the CLI: generate, status, cancel, list."""
+"""The client-side commands of the CLI: generate, status, cancel, list, models."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from diffusiond.client import (
     png_parameters,
     safe_id,
 )
+from diffusiond.model_commands import add_models_command, list_models
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -122,6 +123,7 @@ def add_client_commands(commands: Any) -> None:
     )
     listing.add_argument("--limit", type=int, help="at most this many")
     _add_server_flag(listing)
+    add_models_command(commands, _add_server_flag)
 
 
 def _add_server_flag(parser: argparse.ArgumentParser) -> None:
@@ -136,12 +138,13 @@ def _add_server_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def run_client_command(args: argparse.Namespace) -> int:
-    """Run generate/status/cancel/list; typed errors become one line and an exit status."""
+    """Run generate/status/cancel/list/models; typed errors become one line and an exit status."""
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "generate": _generate_local if getattr(args, "local", False) else _generate,
         "status": _status,
         "cancel": _cancel,
         "list": _list,
+        "models": list_models,
     }
     try:
         return handlers[args.command](args)

@@ -61,7 +61,8 @@ def recipe_text(recipe: Mapping[str, Any]) -> dict[str, str]:
     line = (
         f"Steps: {recipe['steps']}, Sampler: {recipe['sampler']}, CFG scale: {recipe['cfgScale']}, "
         f"Seed: {recipe['seed']}, Size: {recipe['width']}x{recipe['height']}, "
-        f"Model: {recipe['model']}, Version: diffusiond {recipe['version']}"
+        + (f"Model hash: {recipe['modelHash']}, " if "modelHash" in recipe else "")
+        + f"Model: {recipe['model']}, Version: diffusiond {recipe['version']}"
     )
     # the names AUTOMATIC1111 writes for the same settings
     if recipe.get("scheduler", "discrete") != "discrete":

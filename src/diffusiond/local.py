@@ -11,6 +11,7 @@ import orjson
 
 from diffusiond.api.schemas import parse_generation_request
 from diffusiond.backends.factory import make_backend
+from diffusiond.backends.model_set import ModelSet
 from diffusiond.client._protocol import GenerationParams
 from diffusiond.client.errors import GenerationFailedError
 from diffusiond.client.models import GeneratedImage, Progress
@@ -38,6 +39,8 @@ def generate_locally(
         orjson.dumps(body), max_batch=settings.max_batch, max_pixels=settings.max_pixels
     )
     drawer = make_backend(settings)
+    if isinstance(drawer, ModelSet):
+        drawer.catalog.check(request.model)  # the server's 400, before anything loads
     model = model_name(load_backend(drawer))
 
     def report(progress: models.Progress) -> None:

@@ -16,7 +16,8 @@ from diffusiond.api.app import ApiConfig, create_app
 from diffusiond.api.events import JobEvents
 from diffusiond.backends.base import Backend
 from diffusiond.backends.factory import make_backend
-from diffusiond.backends.lora_files import LoraCatalog, LoraChoices, lora_folder
+from diffusiond.backends.lora_files import lora_choices
+from diffusiond.backends.model_set import ModelSet
 from diffusiond.engine.engine import Engine
 from diffusiond.errors import ModelLoadError
 from diffusiond.jobs.registry import GenerationRegistry, TtlSweeper
@@ -32,6 +33,7 @@ class Service:
 
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
+        self.backend = backend
         store = open_store(settings.store)
         self.persistent = store.persistent
         self.registry = GenerationRegistry(
@@ -54,19 +56,21 @@ class Service:
         self._pending = self.registry.recover()
 
     def app(self) -> Starlette:
+        catalog = self.backend.catalog if isinstance(self.backend, ModelSet) else None
         return create_app(
             self.registry,
             self.engine,
             ApiConfig.from_settings(self.settings),
             lifespan=self._lifespan,
             events=self.events,
-            loras=self.lora_choices(),
+            loras=lora_choices(
+                self.settings.models_dir,
+                self.settings.loras_dir,
+                catalog,
+                lambda: self.engine.info().architecture,
+            ),
+            models=catalog,
         )
-
-    def lora_choices(self) -> LoraChoices:
-        """The LoRA folder's files, for the default model's architecture."""
-        folder = lora_folder(self.settings.models_dir, self.settings.loras_dir)
-        return LoraChoices(LoraCatalog(folder), lambda _model: self.engine.info().architecture)
 
     @asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:

@@ -102,6 +102,9 @@ class GracefulServer(uvicorn.Server):
     def run_until_stopped(self) -> None:
         """Listen, print the address, and serve until stopped."""
         sock = bind_listening_socket(self._settings.host, self._settings.port)
+        # Listening before the line says so: a client that connects on reading it must not
+        # be refused while uvicorn is still starting (it listens on the socket again).
+        sock.listen(self.config.backlog)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"diffusiond: listening on http://{shown}:{port}", flush=True)

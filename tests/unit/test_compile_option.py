@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from diffusiond.backends.catalog import ModelEntry
 from diffusiond.backends.diffusers_backend import DiffusersBackend
-from diffusiond.backends.factory import make_backend
+from diffusiond.backends.factory import backend_for_model, make_backend
+from diffusiond.backends.model_set import ModelSet
 from diffusiond.errors import SettingsError
 from diffusiond.settings import load_settings
 
@@ -25,6 +27,8 @@ def test_a_malformed_compile_variable_is_refused_naming_it() -> None:
 @pytest.mark.parametrize("wanted", [True, False])
 def test_the_backend_is_told_to_compile(wanted: bool) -> None:
     flags = {"compile": str(wanted).lower()}
-    backend = make_backend(load_settings({}, flags))
+    settings = load_settings({}, flags)
+    assert isinstance(make_backend(settings), ModelSet)
+    backend = backend_for_model(ModelEntry("builtin", "builtin", "sd1", None), settings)
     assert isinstance(backend, DiffusersBackend)
     assert backend._compile_model is wanted

@@ -25,9 +25,10 @@ from diffusiond.api.events import JobEvents, JobFeed, last_event_id, wait_prefer
 from diffusiond.api.health import check_ready, health_body
 from diffusiond.api.idempotency import IdempotencyKeys, check_idempotency_key
 from diffusiond.api.limits import StreamSlots
+from diffusiond.api.model_list import models_body, plugin_models_body
 from diffusiond.api.openapi import openapi_document
 from diffusiond.api.params import read_uint, shown
-from diffusiond.api.ports import JobRunner, JobSource, LoraPort, Offload
+from diffusiond.api.ports import JobRunner, JobSource, LoraPort, ModelDirectory, Offload
 from diffusiond.api.schemas import (
     DEFAULT_MAX_PIXELS,
     dump,
@@ -151,9 +152,11 @@ class _Endpoints:
         bodies: RenderedBodies,
         *,
         loras: LoraPort,
+        models: ModelDirectory | None,
     ) -> None:
         self._registry = registry
         self._loras = loras
+        self._models = models
         self._engine = engine
         self._config = config
         self._events = events
@@ -205,6 +208,9 @@ class _Endpoints:
         # A body with images takes milliseconds to check (base64, a full decode): off the
         # event loop, so that polls and streams of other jobs are not held up meanwhile.
         parsed = parse() if len(body) <= MAX_BODY_BYTES else await asyncio.to_thread(parse)
+        if self._models is not None and parsed.model is not None:
+            # An id not seen before rescans the models dir: off the event loop.
+            await asyncio.to_thread(self._models.check, parsed.model)
         if parsed.loras:  # reads the LoRA folder (and, in broker mode, Redis): off the loop
             await asyncio.to_thread(self._loras.check, parsed.model, parsed.loras)
         raw_key = request.headers.get("idempotency-key")
@@ -302,6 +308,18 @@ class _Endpoints:
             )
         return _json(self._openapi)
 
+    async def models(self, request: Request) -> Response:
+        api_key = self._config.api_key
+        with_paths = api_key is not None and carries_key(request.headers, api_key)
+        info = await self._offload(self._engine.info)
+        if self._models is None:
+            body = plugin_models_body(info)
+        else:  # a rescan of the models dir: off the event loop
+            body = await asyncio.to_thread(
+                models_body, self._models, info.models, with_paths=with_paths
+            )
+        return _json(dump(body))
+
     async def samplers(self, _request: Request) -> Response:
         return _json(dump(samplers_body()))
 
@@ -328,22 +346,26 @@ def create_app(
     events: JobEvents | None = None,
     *,
     loras: LoraPort | None = None,
+    models: ModelDirectory | None = None,
 ) -> Starlette:
-    """The HTTP API of ../shared/API.md over a registry and an engine; `loras` is what
-    requests' LoRAs are listed and checked against (None: no LoRAs)."""
+    """The HTTP API of docs/API.md over a registry and an engine; `models` checks the
+    `model` of each request and lists them (None: the backend is a plugin with one model,
+    and any `model` goes to it); `loras` is what requests' LoRAs are listed and checked
+    against (None: no LoRAs)."""
     events = events if events is not None else JobEvents()
     bodies = RenderedBodies()
     registry.add_listener(events.on_change)
     registry.add_listener(bodies.on_change)
     if loras is None:
         loras = LoraChoices(LoraCatalog(None), lambda _model: engine.info().architecture)
-    endpoints = _Endpoints(registry, engine, config, events, bodies, loras=loras)
+    endpoints = _Endpoints(registry, engine, config, events, bodies, loras=loras, models=models)
     routes = [
         Route("/v1/images/generations", endpoints.generations, methods=["GET", "POST"]),
         Route("/v1/images/generations/{id}", endpoints.generation, methods=["GET", "DELETE"]),
         Route("/v1/images/generations/{id}/events", endpoints.events, methods=["GET"]),
         Route("/v1/images/generations/{id}/images/{index}", endpoints.image, methods=["GET"]),
         Route("/v1/loras", endpoints.loras, methods=["GET"]),
+        Route("/v1/models", endpoints.models, methods=["GET"]),
         Route("/v1/samplers", endpoints.samplers, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi, methods=["GET"]),
@@ -354,6 +376,8 @@ def create_app(
             max_batch=config.max_batch,
             max_pixels=config.max_pixels,
             max_body_bytes=config.max_body_bytes,
+            models=models,
+            loras=loras,
         ),
         *web_routes(),
     ]

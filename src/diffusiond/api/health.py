@@ -59,5 +59,6 @@ def health_body(
         "device": info.device,
         "dtype": info.dtype,
         "architecture": info.architecture,
+        "loadedModels": list(info.models),
         **engine.health_extra(),
     }

@@ -6,6 +6,7 @@ from typing import Any
 
 from diffusiond import __version__
 from diffusiond.api.a1111.openapi_paths import a1111_paths
+from diffusiond.api.openapi_models import model_paths, model_schemas
 from diffusiond.api.schemas import MAX_NAME_CHARS, MAX_SEED, MAX_TEXT_CHARS
 from diffusiond.jobs.models import LORA_WEIGHT_LIMIT, MAX_LORAS, SAMPLERS, SCHEDULERS
 
@@ -46,7 +47,8 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                     "type": ["string", "null"],
                     "minLength": 1,
                     "maxLength": MAX_NAME_CHARS,
-                    "description": "a model id of GET /v1/models; null: the default model",
+                    "description": "a model id of GET /v1/models; null: the default model; "
+                    "an unknown id is a 400 naming `model`",
                 },
                 "loras": {
                     "type": ["array", "null"],
@@ -237,6 +239,12 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                     "type": "integer",
                     "minimum": 0,
                     "description": "with the key: event streams and waits open now",
+                },
+                "loadedModels": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "with the key: the ids of the models loaded now (in broker "
+                    "mode, on any worker), the least recently used first",
                 },
             },
             "description": "without the API key (where one is set) only status, busy, "
@@ -457,8 +465,8 @@ def openapi_document(*, max_batch: int, secured: bool) -> dict[str, Any]:
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "diffusiond", "version": __version__},
-        "paths": paths,
-        "components": {"schemas": _schemas(max_batch)},
+        "paths": paths | model_paths(unauthorized),
+        "components": {"schemas": _schemas(max_batch) | model_schemas()},
     }
     if secured:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import ParamSpec, Protocol, TypeVar
 
 from diffusiond.backends.base import BackendInfo
+from diffusiond.backends.catalog import ModelEntry
 from diffusiond.engine.engine import EngineStats
 from diffusiond.jobs.models import GenerationRequest, Job, JobListener, JobStatus, LoraWeight
 
@@ -75,6 +76,20 @@ class LoraPort(Protocol):
     def check(self, model: str | None, loras: Sequence[LoraWeight]) -> None:
         """Raise InvalidRequest (field `loras`) for an unknown LoRA or one made for another
         architecture than the model's (`model`: its id; None: the default model)."""
+
+
+class ModelDirectory(Protocol):
+    """The models a request may name (backends/catalog.py `ModelCatalog`). An API node in
+    broker mode has its own, of the same --models-dir its workers are given."""
+
+    default_id: str
+
+    def entries(self) -> builtins.list[ModelEntry]:
+        """Every model, the directory rescanned first."""
+        ...
+
+    def check(self, model_id: str | None) -> None:
+        """`InvalidRequest` naming `model` and the ids there are, unless it names one."""
         ...
 
 

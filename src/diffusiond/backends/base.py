@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from diffusiond.jobs.models import EditInputs, LoraWeight, Stage
 
@@ -41,13 +41,25 @@ PreviewCallback = Callable[[int, "Image"], None]
 
 @dataclass(frozen=True)
 class BackendInfo:
-    """What /health reports about the loaded model."""
+    """What /health reports: the default model (name, model, device, dtype, architecture)
+    and the ids of the models loaded now, the most recently used last."""
 
     name: str
     model: str
     device: str
     dtype: str
     architecture: str = "unknown"  # sd1, sd2, sdxl, or a flow family (families.py)
+    models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelLabel:
+    """How a PNG's recipe names the model that drew it: its catalog id, short hash and
+    architecture."""
+
+    id: str
+    hash: str | None = None
+    architecture: str = "unknown"
 
 
 class GenerationCancelled(Exception):
@@ -79,3 +91,10 @@ class Backend(Protocol):
         should_cancel: CancelCheck,
         on_preview: PreviewCallback | None = None,
     ) -> Image: ...
+
+
+@runtime_checkable
+class LabelsModels(Protocol):
+    """A backend serving several models says which one a request's `model` names."""
+
+    def model_label(self, model: str | None) -> ModelLabel: ...

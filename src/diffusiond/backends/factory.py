@@ -5,20 +5,46 @@ from __future__ import annotations
 import importlib
 
 from diffusiond.backends.base import Backend
+from diffusiond.backends.catalog import ModelCatalog, ModelEntry
 from diffusiond.errors import SettingsError
 from diffusiond.settings import Settings
+
+
+def model_catalog(settings: Settings) -> ModelCatalog:
+    """The catalog of `--models-dir` with `--model` as its default (API nodes build it too)."""
+    return ModelCatalog(settings.models_dir, default=settings.model)
+
+
+def backend_for_model(entry: ModelEntry, settings: Settings) -> Backend:
+    """One model's backend, not loaded yet: what the model set builds for each model (the
+    family of a diffusers folder picks it: backends/dispatch.py)."""
+    from diffusiond.backends.dispatch import backend_for_model_path
+
+    return backend_for_model_path(entry.path, settings)
 
 
 def make_backend(settings: Settings) -> Backend:
     """The backend `settings.backend` names, checked enough to fail fast on a bad model path.
 
-    'diffusers' is the built-in backend; `module:factory` names a plugin, called with the
+    'diffusers' is the built-in backend: a model set over the models dir (--models-dir), its
+    default --model (backends/model_set.py); `module:factory` names a plugin, called with the
     settings. Nothing is loaded here: the caller loads the model where it will run it.
     """
     if settings.backend == "diffusers":
-        from diffusiond.backends.dispatch import backend_for_model_path
+        from diffusiond.backends.builtin_model import ensure_builtin_model
+        from diffusiond.backends.model_set import ModelSet, hasher_in
 
-        return backend_for_model_path(settings.model, settings)
+        catalog = model_catalog(settings)
+        default = catalog.find(None)
+        if default is not None:
+            backend_for_model(default, settings)  # fails fast, naming a bad --model path
+        home = settings.home
+        return ModelSet(
+            catalog,
+            lambda entry: backend_for_model(entry, settings),
+            max_loaded=settings.max_loaded_models,
+            hash_of=hasher_in(home, lambda: ensure_builtin_model(home)),
+        )
     module_name, _, attribute = settings.backend.partition(":")
     if not module_name or not attribute:
         raise SettingsError(

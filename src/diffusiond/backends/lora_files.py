@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffusiond.backends.catalog import ModelCatalog
 from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import LoraWeight
 
@@ -237,3 +238,22 @@ class LoraChoices:
                     field="loras",
                     rule=LORAS_RULE,
                 )
+
+
+def lora_choices(
+    models_dir: Path | None,
+    loras_dir: Path | None,
+    catalog: ModelCatalog | None,
+    fallback_architecture: Callable[[], str],
+) -> LoraChoices:
+    """The LoRA folder's files, checked against the architecture of the model each request
+    names: the catalog's, else (a plugin backend, a model the catalog cannot place)
+    `fallback_architecture()`, what the running backend reports."""
+
+    def architecture(model_id: str | None) -> str:
+        entry = catalog.find(model_id) if catalog is not None else None
+        if entry is not None and entry.architecture != "unknown":
+            return entry.architecture
+        return fallback_architecture() if model_id is None else "unknown"
+
+    return LoraChoices(LoraCatalog(lora_folder(models_dir, loras_dir)), architecture)

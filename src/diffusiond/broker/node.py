@@ -64,7 +64,7 @@ _COARSE = {
     Status.ACTIVE.value: JobStatus.IN_PROGRESS,
     Status.ABORTING.value: JobStatus.IN_PROGRESS,
 }
-_WORKER_FIELDS = ("host", "pid", "backend", "model", "device", "dtype", "architecture")
+_WORKER_FIELDS = ("host", "pid", "backend", "model", "device", "dtype", "architecture", "models")
 
 
 def _now_ms() -> int:
@@ -229,7 +229,9 @@ class BrokerEngine(Admission):
         return EngineStats(running=active, admitted=queued + active, max_concurrent=workers)
 
     def info(self) -> BackendInfo:
+        """The first worker's model; `models`: those loaded on any worker."""
         workers = self._bridge.call(self._workers())
+        loaded = sorted({str(model) for worker in workers for model in worker.get("models") or ()})
         for worker in workers:
             if worker.get("model"):
                 return BackendInfo(
@@ -238,6 +240,7 @@ class BrokerEngine(Admission):
                     str(worker.get("device", "?")),
                     str(worker.get("dtype", "?")),
                     str(worker.get("architecture", "unknown")),
+                    models=tuple(loaded),
                 )
         return BackendInfo("none", "no worker connected", "-", "-")
 

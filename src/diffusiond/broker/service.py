@@ -13,7 +13,8 @@ from starlette.applications import Starlette
 
 from diffusiond.api.app import ApiConfig, create_app
 from diffusiond.api.events import JobEvents
-from diffusiond.backends.lora_files import LoraCatalog, LoraChoices, lora_folder
+from diffusiond.backends.factory import model_catalog
+from diffusiond.backends.lora_files import lora_choices
 from diffusiond.broker.bridge import LoopThread
 from diffusiond.broker.node import BrokerEngine, BrokerRegistry
 from diffusiond.broker.queue import JobOptions, open_queue
@@ -50,6 +51,9 @@ class BrokerService:
             options=JobOptions.from_settings(settings.result_ttl_ms, settings.broker_heartbeat_s),
             max_queue=settings.max_queue,
         )
+        # The node checks each request's `model` against its own catalog of --models-dir:
+        # the workers must be given the same one (each serves every model of its own dir).
+        self.models = model_catalog(settings) if settings.backend == "diffusers" else None
         self.events = JobEvents()
         self._tasks: list[concurrent.futures.Future[None]] = []
 
@@ -64,14 +68,16 @@ class BrokerService:
             ApiConfig.from_settings(self.settings),
             lifespan=self._lifespan,
             events=self.events,
-            loras=self._lora_choices(),
+            # This node's LoRA folder; each worker checks again against its own before
+            # applying.
+            loras=lora_choices(
+                self.settings.models_dir,
+                self.settings.loras_dir,
+                self.models,
+                lambda: self.engine.info().architecture,
+            ),
+            models=self.models,
         )
-
-    def _lora_choices(self) -> LoraChoices:
-        """This node's LoRA folder, for the architecture the workers' model reports (each
-        worker checks again against its own folder before applying)."""
-        folder = lora_folder(self.settings.models_dir, self.settings.loras_dir)
-        return LoraChoices(LoraCatalog(folder), lambda _model: self.engine.info().architecture)
 
     @asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:

@@ -151,6 +151,7 @@ class WorkerRuntime:
             device=info.device,
             dtype=info.dtype,
             architecture=info.architecture,
+            models=list(info.models),
         )
         print("diffusiond: worker ready", flush=True)
 
@@ -187,6 +188,8 @@ class WorkerRuntime:
             )
         finally:
             trim_heap()
+            # the models loaded now, published with the next worker_info (GET /v1/models)
+            self.metadata["models"] = list(self._backend.info().models)
         return saq_outcome(generation.result())
 
 

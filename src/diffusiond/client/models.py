@@ -180,6 +180,29 @@ class LoraInfo:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """One model of the server's GET /v1/models: `id` is what `model=` takes."""
+
+    id: str
+    architecture: str
+    format: str
+    loaded: bool
+    default: bool
+    path: str | None = None  # only where the request carried the API key
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> ModelInfo:
+        return cls(
+            id=str(body["id"]),
+            architecture=str(body.get("architecture", "unknown")),
+            format=str(body.get("format", "unknown")),
+            loaded=bool(body.get("loaded", False)),
+            default=bool(body.get("default", False)),
+            path=body.get("path"),
+        )
+
+
+@dataclass(frozen=True)
 class Samplers:
     """The server's GET /v1/samplers answer: the names a request may give."""
 

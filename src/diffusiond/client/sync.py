@@ -14,7 +14,14 @@ import httpx
 from diffusiond.client import _protocol as proto
 from diffusiond.client.errors import ServerBusyError
 from diffusiond.client.inputs import ImageInput
-from diffusiond.client.models import GeneratedImage, Generation, Health, LoraInfo, Samplers
+from diffusiond.client.models import (
+    GeneratedImage,
+    Generation,
+    Health,
+    LoraInfo,
+    ModelInfo,
+    Samplers,
+)
 
 
 class Client:
@@ -146,6 +153,11 @@ class Client:
     def loras(self) -> builtins.list[LoraInfo]:
         """The LoRAs the server can apply (GET /v1/loras), by name."""
         return LoraInfo.listing(self._call("GET", "/v1/loras"))
+
+    def models(self) -> builtins.list[ModelInfo]:
+        """The models the server can draw with (GET /v1/models); `model=` takes an id."""
+        body = self._call("GET", "/v1/models")
+        return [ModelInfo.from_wire(item) for item in body["models"]]
 
     def samplers(self) -> Samplers:
         """The sampler and scheduler names the server takes (GET /v1/samplers)."""

@@ -120,10 +120,13 @@ def classify_error(exc: BaseException) -> ErrorCode:
     return ErrorCode.UNKNOWN_ERROR
 
 
-def image_recipe(spec: ImageSpec, model: str, architecture: str = "unknown") -> dict[str, str]:
-    """The PNG text chunks that let one image be made again: its parameters, model and the
-    model's family (`architecture`, as /health says it), and for an edit its mode, strength,
-    mask blur and the SHA-256 of the images it was given."""
+def image_recipe(
+    spec: ImageSpec, model: str, architecture: str = "unknown", *, model_hash: str | None = None
+) -> dict[str, str]:
+    """The PNG text chunks that let one image be made again: its parameters, model (id, and
+    the short hash of its weights where known) and the model's family (`architecture`, as
+    /health says it), and for an edit its mode, strength, mask blur and the SHA-256 of the
+    images it was given."""
     recipe: dict[str, object] = {
         "prompt": spec.prompt,
         "negativePrompt": spec.negative_prompt,
@@ -136,6 +139,7 @@ def image_recipe(spec: ImageSpec, model: str, architecture: str = "unknown") -> 
         "scheduler": spec.scheduler,
         "model": model,
         "architecture": architecture,
+        **({"modelHash": model_hash} if model_hash is not None else {}),
         "version": __version__,
         "mode": "txt2img",
     }

@@ -35,7 +35,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import PurePath
 
-from diffusiond.backends.base import Backend, BackendInfo, GenerationCancelled, ImageSpec
+from diffusiond.backends.base import (
+    Backend,
+    BackendInfo,
+    GenerationCancelled,
+    ImageSpec,
+    LabelsModels,
+    ModelLabel,
+)
 from diffusiond.engine.batch import (
     BatchFailed,
     Encoder,
@@ -236,7 +243,7 @@ class JobRun:
         self,
         backend: Backend,
         *,
-        model: str,
+        model: str,  # the recipe's model name for a backend that is not a model set
         encode: Encoder = encode_png,
         preview_encoder: PreviewEncoder | None = encode_preview,
     ) -> Outcome:
@@ -246,7 +253,13 @@ class JobRun:
         architecture = backend.info().architecture
 
         def recipe(spec: ImageSpec) -> dict[str, str]:
-            return image_recipe(spec, model, architecture)
+            # A model set names the model the spec went to; a plugin backend draws one model.
+            label = (
+                backend.model_label(spec.model)
+                if isinstance(backend, LabelsModels)
+                else ModelLabel(model, architecture=architecture)
+            )
+            return image_recipe(spec, label.id, label.architecture, model_hash=label.hash)
 
         try:
             images, timings = run_batch(

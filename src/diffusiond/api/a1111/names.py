@@ -4,10 +4,12 @@ AUTOMATIC1111 front door lives here, as pure data and pure functions."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from diffusiond.backends.catalog import ModelEntry
 from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import LORA_WEIGHT_LIMIT, MAX_LORAS
 from diffusiond.sampling import schedule_problem
@@ -224,3 +226,18 @@ def map_checkpoint(
             return checkpoint
     rule = "the title of one of the models GET /sdapi/v1/sd-models lists"
     raise InvalidRequest(f"{field} must be {rule}, got {name!r}", field=field, rule=rule)
+
+
+def catalog_checkpoint(entry: ModelEntry, default_id: str) -> Checkpoint:
+    """One model of the models dir (backends/catalog.py), titled by its id; as for the
+    single model, a hash of the name stands in for the file's (hashing weights is work for
+    the job that loads them, not for a listing)."""
+    digest = hashlib.sha256(entry.id.encode()).hexdigest()
+    return Checkpoint(
+        title=f"{entry.id} [{digest[:10]}]",
+        model_name=entry.id,
+        hash=digest[:10],
+        sha256=digest,
+        filename=entry.path.name if entry.path is not None else entry.id,
+        model_id=None if entry.id == default_id else entry.id,
+    )

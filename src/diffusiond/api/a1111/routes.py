@@ -28,6 +28,7 @@ from starlette.routing import Mount, Route
 from diffusiond.api.a1111.names import (
     PREFIX,
     Checkpoint,
+    catalog_checkpoint,
     map_checkpoint,
     samplers_available,
     schedulers_available,
@@ -54,7 +55,7 @@ from diffusiond.api.a1111.transport import (
     watch_hang_up,
 )
 from diffusiond.api.events import JobEvents
-from diffusiond.api.ports import JobRunner, JobSource, Offload
+from diffusiond.api.ports import JobRunner, JobSource, LoraPort, ModelDirectory, Offload
 from diffusiond.errors import AlreadyTerminal, DiffusiondError, InvalidRequest, NotFound, ServerBusy
 from diffusiond.jobs.models import (
     SAMPLERS,
@@ -121,7 +122,8 @@ class A1111Api:
         max_pixels: int,
         max_body_bytes: int,
         wait_limit_s: float = WAIT_LIMIT_S,
-        loras: Callable[[], list[str]] = list,
+        loras: LoraPort | None = None,
+        models: ModelDirectory | None = None,
     ) -> None:
         self._registry = registry
         self._engine = engine
@@ -131,6 +133,7 @@ class A1111Api:
         self._max_body_bytes = max_body_bytes
         self._wait_limit_s = wait_limit_s
         self._loras = loras
+        self._models = models
         self._offload = Offload(registry, engine)
         self._calls: list[Running] = []  # in arrival order
         self._default: Checkpoint | None = None  # POST /options sd_model_checkpoint
@@ -138,8 +141,14 @@ class A1111Api:
     # -- the model catalog -----------------------------------------------------------------
 
     async def _checkpoints(self) -> list[Checkpoint]:
-        info = await self._offload(self._engine.info)
-        return [builtin_checkpoint(info.model)]
+        if self._models is None:  # a plugin backend: its one model
+            info = await self._offload(self._engine.info)
+            return [builtin_checkpoint(info.model)]
+        directory = self._models
+        entries = await asyncio.to_thread(directory.entries)  # rescans the models dir
+        default_id = directory.default_id
+        entries.sort(key=lambda entry: entry.id != default_id)  # the default first
+        return [catalog_checkpoint(entry, default_id) for entry in entries]
 
     async def _limits(self) -> Limits:
         checkpoints = await self._checkpoints()
@@ -167,6 +176,9 @@ class A1111Api:
         parse = functools.partial(parse_generation, kind=kind, limits=limits)
         # Images take milliseconds to check: off the event loop, like the native POST.
         generation = await asyncio.to_thread(lambda: parse(load_body(body)))
+        if generation.loras and self._loras is not None:  # the <lora:...> tags: as the native
+            wanted = [LoraWeight(name, weight) for name, weight in generation.loras]
+            await asyncio.to_thread(self._loras.check, generation.checkpoint.model_id, wanted)
         running = Running(generation, started_s=time.monotonic())
         watcher = asyncio.ensure_future(watch_hang_up(request.receive, running.hang_up))
         self._calls.append(running)
@@ -295,7 +307,8 @@ class A1111Api:
         return answer([scheduler_body(entry) for entry in schedulers_available(SCHEDULERS)])
 
     async def loras(self, _request: Request) -> Response:
-        names = await asyncio.to_thread(self._loras)
+        listing = await asyncio.to_thread(self._loras.listing) if self._loras is not None else []
+        names = [entry["name"] for entry in listing]
         return answer([{"name": n, "alias": n, "path": n, "metadata": {}} for n in names])
 
     async def empty_list(self, _request: Request) -> Response:
@@ -376,8 +389,11 @@ def a1111_mount(
     max_batch: int,
     max_pixels: int,
     max_body_bytes: int,
+    models: ModelDirectory | None = None,
+    loras: LoraPort | None = None,
 ) -> Mount:
-    """/sdapi/v1 for the app of api/app.py, with its limits."""
+    """/sdapi/v1 for the app of api/app.py, with its limits; `sd-models` lists `models`,
+    `loras` the LoRA folder (and checks the prompt's `<lora:...>` tags)."""
     api = A1111Api(
         registry,
         engine,
@@ -385,5 +401,7 @@ def a1111_mount(
         max_batch=max_batch,
         max_pixels=max_pixels,
         max_body_bytes=max_body_bytes,
+        models=models,
+        loras=loras,
     )
     return Mount(PREFIX, app=a1111_app(api))
