@@ -74,6 +74,8 @@ def answer_with(page: Page, path: str, change: Callable[[Any], Any]) -> None:
         assert response.ok, f"GET /v1/{path}: {response.status}"
         route.fulfill(response=response, json=change(response.json()))
 
+    page.route(f"**/v1/{path}", handle)
+
 
 def answer(page: Page, path: str, body: object) -> None:
     """GET /v1/PATH answered with BODY, whatever the server has."""
