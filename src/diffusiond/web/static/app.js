@@ -3,159 +3,27 @@
 "use strict";
 
 (() => {
-  const KEY_STORAGE = "diffusiond.apiKey";
   const MAX_TEXT = 10000;
   const MAX_SEED = 4294967295;
-  const SAMPLERS = ["euler_a", "euler", "heun", "dpm2", "dpm++2s_a", "dpm++2m", "dpm++2mv2",
-    "lcm", "ddim", "unipc", "er_sde", "euler_cfg_pp", "euler_a_cfg_pp"];
-  const SCHEDULERS = ["discrete", "karras", "exponential", "sgm_uniform", "simple"];
-  const TERMINAL = new Set(["complete", "error", "cancelled"]);
+  const { ApiError, api, errorOf, storedKey } = window.DiffusiondHttp; // http.js
   const edit = window.DiffusiondEdit; // the input image and its mask (edit.js)
+  const choices = window.DiffusiondChoices; // model, LoRAs, sampler, scheduler (choices.js)
+  const results = window.DiffusiondResults; // the result list (results.js)
+  const progress = window.DiffusiondProgress; // one job followed and shown (progress.js)
+  const jobs = window.DiffusiondJobs; // the recent jobs list (jobs.js)
+  const { TERMINAL, jobPath, showState, setBar, formatMs } = progress;
   // In the order of the form: the first one with an error takes the focus.
-  const FIELDS = ["prompt", "negativePrompt", ...edit.FIELDS, "width", "height", "steps",
-    "cfgScale", "seed", "sampler", "scheduler", "count"];
+  const FIELDS = [...choices.MODEL_FIELDS, "prompt", "negativePrompt", ...edit.FIELDS, "width",
+    "height", "steps", "cfgScale", ...choices.SAMPLING_FIELDS, "seed", "count"];
   // The mask's errors are shown by the canvas, which takes no focus: its Clear button does.
   const FOCUS = { maskImage: "mask-clear" };
-  const STAGES = { loading: "Preparing", diffusion: "Diffusing", decoding: "Decoding" };
-  const MAX_GALLERY = 40;
 
   const $ = (id) => document.getElementById(id);
   const state = {
     maxBatch: 5,
-    pollMs: 500,
     job: null, // {id, request, abort: AbortController} while one is followed
     sizeBefore: null, // {size, width, height} chosen before an input image set its own size
   };
-
-  class ApiError extends Error {
-    constructor(message, { code = "", status = 0, details = null, suggestion = "",
-      retryAfter = null } = {}) {
-      super(message);
-      this.code = code;
-      this.status = status;
-      this.details = details;
-      this.suggestion = suggestion;
-      this.retryAfter = retryAfter;
-    }
-  }
-
-  // -- the API key: asked for on the first 401, kept in localStorage -----------------------
-
-  function storedKey() {
-    try {
-      return localStorage.getItem(KEY_STORAGE) || "";
-    } catch {
-      return "";
-    }
-  }
-
-  function showKeyButton() {
-    $("key-button").hidden = storedKey() === "";
-  }
-
-  let keyAnswer = null; // the pending dialog's resolve function
-  let keyPromise = null; // one dialog for every request that met a 401 at the same time
-
-  function askForKey(refused) {
-    if (keyPromise) return keyPromise;
-    keyPromise = new Promise((resolve) => {
-      keyAnswer = resolve;
-      $("key-message").textContent = refused
-        ? "The server refused the stored API key. Enter the right one (its IMAGE_API_KEY)."
-        : "This server asks for an API key (its IMAGE_API_KEY). It is kept in this " +
-          "browser's storage for this page.";
-      $("key-input").value = "";
-      $("key-dialog").showModal();
-      $("key-input").focus();
-    }).finally(() => {
-      keyPromise = null;
-      keyAnswer = null;
-    });
-    return keyPromise;
-  }
-
-  function answerKey(saved) {
-    const dialog = $("key-dialog");
-    if (dialog.open) dialog.close();
-    if (keyAnswer) keyAnswer(saved);
-    showKeyButton();
-  }
-
-  function setUpKeyDialog() {
-    $("key-form").addEventListener("submit", (event) => {
-      event.preventDefault();
-      const key = $("key-input").value.trim();
-      if (!key) {
-        $("key-input").focus();
-        return;
-      }
-      try {
-        localStorage.setItem(KEY_STORAGE, key);
-      } catch {
-        // storage is off: the key cannot be kept, the request goes on failing with 401
-      }
-      answerKey(true);
-    });
-    $("key-cancel").addEventListener("click", () => answerKey(false));
-    $("key-dialog").addEventListener("cancel", () => answerKey(false)); // Escape
-    $("key-button").addEventListener("click", () => {
-      localStorage.removeItem(KEY_STORAGE);
-      showKeyButton();
-      say("The API key was removed from this browser.");
-    });
-    showKeyButton();
-  }
-
-  // -- HTTP ------------------------------------------------------------------------------
-
-  /** fetch with the stored key; on 401, ask for the key (once) and try again. */
-  async function api(path, options = {}) {
-    for (;;) {
-      const headers = new Headers(options.headers || {});
-      const key = storedKey();
-      if (key) headers.set("Authorization", `Bearer ${key}`);
-      const response = await fetch(path, { cache: "no-store", ...options, headers });
-      if (response.status !== 401) return response;
-      if (!(await askForKey(key !== ""))) {
-        throw new ApiError("This server needs an API key: nothing was sent without it.", {
-          code: "UNAUTHORIZED", status: 401,
-        });
-      }
-    }
-  }
-
-  async function errorOf(response) {
-    let body = null;
-    try {
-      body = await response.json();
-    } catch {
-      // not JSON: a proxy's page, say
-    }
-    const error = (body && body.error) || {};
-    return new ApiError(error.message || `the server answered HTTP ${response.status}`, {
-      code: error.code || "",
-      status: response.status,
-      details: error.details || null,
-      suggestion: error.suggestion || "",
-      retryAfter: response.headers.get("Retry-After"),
-    });
-  }
-
-  function jobPath(id, rest = "") {
-    return `v1/images/generations/${encodeURIComponent(id)}${rest}`;
-  }
-
-  function delay(ms, signal) {
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(resolve, ms);
-      if (signal) {
-        signal.addEventListener("abort", () => {
-          clearTimeout(timer);
-          reject(new DOMException("aborted", "AbortError"));
-        }, { once: true });
-      }
-    });
-  }
 
   // -- the server's state ----------------------------------------------------------------
 
@@ -179,9 +47,10 @@
     }
     const health = await response.json();
     state.maxBatch = Number.isInteger(health.maxBatch) ? health.maxBatch : state.maxBatch;
-    state.pollMs = Number.isInteger(health.pollIntervalMs) ? health.pollIntervalMs : state.pollMs;
+    if (Number.isInteger(health.pollIntervalMs)) progress.setPollMs(health.pollIntervalMs);
     $("count").max = String(state.maxBatch);
     $("count-hint").textContent = `(1–${state.maxBatch})`;
+    if (health.architecture) choices.useServerArchitecture(health.architecture);
     const parts = [health.model, health.device, health.version && `v${health.version}`];
     // Without the key /health names no model: then say only the version.
     const label = health.model ? "Model" : "diffusiond";
@@ -227,15 +96,7 @@
       errors.cfgScale = "cfgScale must be a number from 0 to 30";
     }
     body.cfgScale = cfg;
-    const sampler = $("sampler").value;
-    if (!SAMPLERS.includes(sampler)) errors.sampler = `sampler must be one of ${SAMPLERS.join(", ")}`;
-    body.sampler = sampler;
-    // The server says which pairs run (a 400 naming scheduler shows under the field).
-    const scheduler = $("scheduler").value;
-    if (!SCHEDULERS.includes(scheduler)) {
-      errors.scheduler = `scheduler must be one of ${SCHEDULERS.join(", ")}`;
-    }
-    body.scheduler = scheduler;
+    choices.check(body, errors);
     if ($("seedRandom").checked) {
       body.seed = null;
     } else {
@@ -302,7 +163,7 @@
   }
 
   function focusField(field) {
-    $(FOCUS[field] || field).focus();
+    (choices.focusTarget(field) || $(FOCUS[field] || field)).focus();
   }
 
   function showErrors(errors) {
@@ -381,7 +242,7 @@
     }
     setRunning(true);
     say("Sending the request…");
-    resetProgress();
+    progress.resetProgress();
     await edit.addMask(body);
     let response;
     try {
@@ -433,13 +294,13 @@
     say(`Generating… (job ${id})`);
     let final = null;
     try {
-      final = await followStream(id, abort.signal);
+      final = await progress.followStream(id, abort.signal);
     } catch (error) {
       if (error instanceof ApiError) console.info("event stream unavailable:", error.message);
       else console.info("event stream broke, polling instead:", error);
     }
     try {
-      if (!final) final = await pollUntilDone(id, abort.signal);
+      if (!final) final = await progress.pollUntilDone(id, abort.signal);
     } catch (error) {
       say(`Lost track of generation ${id}: ${error.message}`);
       final = null;
@@ -447,61 +308,7 @@
     state.job = null;
     setRunning(false);
     if (final) await finish(final, request);
-    refreshJobs();
-  }
-
-  async function followStream(id, signal) {
-    const response = await api(jobPath(id, "/events"), {
-      headers: { Accept: "text/event-stream" },
-      signal,
-    });
-    if (!response.ok || !response.body) throw await errorOf(response);
-    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) return null; // the stream ended early: polling takes over
-      buffer += value.replace(/\r\n?/g, "\n");
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const block = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        const event = parseEvent(block);
-        if (!event) continue;
-        showState(event.data);
-        if (TERMINAL.has(event.name)) {
-          reader.cancel().catch(() => {});
-          return event.data;
-        }
-      }
-    }
-  }
-
-  function parseEvent(block) {
-    let name = "message";
-    const data = [];
-    for (const line of block.split("\n")) {
-      if (line === "" || line.startsWith(":")) continue; // heartbeats are comments
-      const colon = line.indexOf(":");
-      const key = colon < 0 ? line : line.slice(0, colon);
-      let value = colon < 0 ? "" : line.slice(colon + 1);
-      if (value.startsWith(" ")) value = value.slice(1);
-      if (key === "event") name = value;
-      else if (key === "data") data.push(value);
-    }
-    if (!data.length) return null;
-    return { name, data: JSON.parse(data.join("\n")) };
-  }
-
-  async function pollUntilDone(id, signal) {
-    for (;;) {
-      const response = await api(jobPath(id), { signal });
-      if (!response.ok) throw await errorOf(response);
-      const job = await response.json();
-      showState(job);
-      if (TERMINAL.has(job.status)) return job;
-      await delay(state.pollMs, signal);
-    }
+    jobs.refresh();
   }
 
   async function onCancel() {
@@ -521,52 +328,6 @@
     }
   }
 
-  // -- progress ----------------------------------------------------------------------------
-
-  function formatMs(ms) {
-    const seconds = Math.max(0, Math.round(ms / 1000));
-    if (seconds < 60) return `${seconds} s`;
-    return `${Math.floor(seconds / 60)} min ${seconds % 60} s`;
-  }
-
-  function setBar(percent, text) {
-    const value = Math.max(0, Math.min(100, percent));
-    const bar = $("bar");
-    bar.setAttribute("aria-valuenow", String(Math.round(value * 10) / 10));
-    bar.setAttribute("aria-valuetext", text);
-    $("bar-fill").style.width = `${value}%`;
-    $("progress-text").textContent = text;
-  }
-
-  function resetProgress() {
-    setBar(0, "Waiting for the server…");
-    $("preview-figure").hidden = true;
-  }
-
-  function showState(job) {
-    if (job.status === "pending") {
-      const place = job.queuePosition ? `: position ${job.queuePosition} in the queue` : "";
-      setBar(0, `Queued${place}`);
-      return;
-    }
-    if (job.status !== "in_progress" || !job.progress) return;
-    const p = job.progress;
-    const parts = [
-      STAGES[p.stage] || p.stage,
-      `image ${p.currentImage} of ${p.totalImages}`,
-      `step ${p.currentStep}/${p.totalSteps}`,
-      `${Math.floor(p.percentage)}%`,
-    ];
-    if (typeof p.etaMs === "number") parts.push(`ETA ${formatMs(p.etaMs)}`);
-    setBar(p.percentage, parts.join(" · "));
-    if (p.preview && p.preview.image) {
-      $("preview-image").src = `data:image/${p.preview.format || "jpeg"};base64,${p.preview.image}`;
-      $("preview-caption").textContent =
-        `Preview of image ${p.currentImage} of ${p.totalImages} at step ${p.preview.step}`;
-      $("preview-figure").hidden = false;
-    }
-  }
-
   async function finish(job, request) {
     $("preview-figure").hidden = true;
     if (job.status === "complete") {
@@ -574,7 +335,7 @@
       setBar(100, `Complete · ${images.length} image${images.length === 1 ? "" : "s"}`);
       const took = typeof job.result.timeTaken === "number" ? ` in ${formatMs(job.result.timeTaken)}` : "";
       say(`Complete: ${images.length} image${images.length === 1 ? "" : "s"}${took}.`);
-      addResults(job, request);
+      results.add(job, request);
     } else if (job.status === "cancelled") {
       setBar(0, "Cancelled");
       say(`Generation ${job.id} cancelled.`);
@@ -585,124 +346,7 @@
     }
   }
 
-  // -- results -----------------------------------------------------------------------------
-
-  function pngBytes(base64) {
-    const text = atob(base64);
-    const bytes = new Uint8Array(text.length);
-    for (let i = 0; i < text.length; i += 1) bytes[i] = text.charCodeAt(i);
-    return bytes;
-  }
-
-  /** The recipe diffusiond writes in each PNG (an iTXt chunk named "diffusiond"), or null. */
-  function pngRecipe(bytes) {
-    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    const latin1 = (part) => String.fromCharCode(...part);
-    let pos = 8;
-    while (pos + 12 <= bytes.length) {
-      const length = view.getUint32(pos);
-      const type = latin1(bytes.subarray(pos + 4, pos + 8));
-      if (type === "IEND") break;
-      const data = bytes.subarray(pos + 8, pos + 8 + length);
-      const nul = data.indexOf(0);
-      if ((type === "iTXt" || type === "tEXt") && nul > 0 && latin1(data.subarray(0, nul)) === "diffusiond") {
-        let text;
-        if (type === "tEXt") {
-          text = latin1(data.subarray(nul + 1));
-        } else {
-          if (data[nul + 1] !== 0) return null; // compressed: not what diffusiond writes
-          let at = data.indexOf(0, nul + 3) + 1; // after the language tag
-          at = data.indexOf(0, at) + 1; // after the translated keyword
-          text = new TextDecoder().decode(data.subarray(at));
-        }
-        try {
-          return JSON.parse(text);
-        } catch {
-          return null;
-        }
-      }
-      pos += 12 + length;
-    }
-    return null;
-  }
-
-  function addResults(job, request) {
-    const gallery = $("gallery");
-    const images = job.result.images;
-    const items = images.map((image, index) => {
-      const bytes = pngBytes(image.image);
-      const recipe = pngRecipe(bytes) || {};
-      const sampler = recipe.sampler || (request && request.sampler) || "";
-      const blob = new Blob([bytes], { type: "image/png" });
-      return resultItem(job.id, index, images.length, image, sampler, blob, recipe);
-    });
-    gallery.prepend(...items);
-    while (gallery.children.length > MAX_GALLERY) {
-      const last = gallery.lastElementChild;
-      URL.revokeObjectURL(last.dataset.url);
-      last.remove();
-    }
-    $("gallery-empty").hidden = gallery.children.length > 0;
-  }
-
-  function resultItem(jobId, index, total, image, sampler, blob, recipe) {
-    const url = URL.createObjectURL(blob);
-    const item = document.createElement("li");
-    item.className = "result";
-    item.dataset.job = jobId;
-    item.dataset.seed = String(image.seed);
-    item.dataset.url = url;
-    const name = `image ${index + 1} of ${total}, seed ${image.seed}`;
-
-    const view = document.createElement("button");
-    view.type = "button";
-    view.className = "thumb";
-    view.setAttribute("aria-label", `View ${name} at full size`);
-    const img = document.createElement("img");
-    img.src = url;
-    img.alt = `Generated ${name}`;
-    img.width = image.width;
-    img.height = image.height;
-    view.append(img);
-    view.addEventListener("click", () => openViewer(url, name, image));
-
-    const meta = document.createElement("p");
-    meta.className = "meta";
-    const edited = ["img2img", "inpaint"].includes(recipe.mode) // an edit: how it was made
-      ? ` · ${recipe.mode}, strength ${recipe.strength}` : "";
-    meta.textContent =
-      `seed ${image.seed} · ${image.width}×${image.height}${sampler ? ` · ${sampler}` : ""}${edited}`;
-
-    const actions = document.createElement("div");
-    actions.className = "result-actions";
-    const download = document.createElement("a");
-    download.className = "download";
-    download.href = url;
-    download.download = `${jobId}-${index + 1}-seed${image.seed}.png`;
-    download.textContent = "Download PNG";
-    download.setAttribute("aria-label", `Download ${name} as PNG`);
-    actions.append(
-      download,
-      actionButton("Reuse seed", `Reuse seed ${image.seed} in the form`,
-        () => reuseSeed(image.seed)),
-      actionButton("Use as input", `Use ${name} as the input image`,
-        () => useAsInput(blob, `${jobId}-${index + 1}.png`, name)),
-    );
-
-    item.append(view, meta, actions);
-    if (recipe.prompt) item.title = recipe.prompt;
-    return item;
-  }
-
-  function actionButton(text, label, onClick) {
-    const button = document.createElement("button");
-    button.type = "button";
-    button.className = "reuse";
-    button.textContent = text;
-    button.setAttribute("aria-label", label);
-    button.addEventListener("click", onClick);
-    return button;
-  }
+  // -- taking a result back into the form -------------------------------------------
 
   function reuseSeed(seed) {
     setSeedRandom(false);
@@ -719,61 +363,32 @@
     say(`The generated ${name} is the input image: paint a mask on it or press Generate.`);
   }
 
-  function openViewer(url, name, image) {
-    $("viewer-title").textContent = `Generated ${name} (${image.width}×${image.height})`;
-    const img = $("viewer-image");
-    img.src = url;
-    img.alt = `Generated ${name}`;
-    $("viewer").showModal();
-    $("viewer-close").focus();
-  }
-
-  // -- recent jobs -------------------------------------------------------------------------
-
-  async function refreshJobs() {
-    let response;
-    try {
-      response = await api("v1/images/generations?limit=20");
-    } catch (error) {
-      $("jobs-empty").textContent = error.message;
-      $("jobs-empty").hidden = false;
-      return;
+  /** The form filled from a result's RECIPE (its PNG's), to draw NAME again or vary it. */
+  function useSettings(recipe, name) {
+    clearErrors();
+    const text = (value) => (value === undefined || value === null ? "" : String(value));
+    $("prompt").value = text(recipe.prompt);
+    $("negativePrompt").value = text(recipe.negativePrompt);
+    for (const field of ["width", "height", "steps", "cfgScale"]) {
+      if (recipe[field] !== undefined) $(field).value = text(recipe[field]);
     }
-    if (!response.ok) {
-      $("jobs-empty").textContent = (await errorOf(response)).message;
-      $("jobs-empty").hidden = false;
-      return;
+    sizeFromFields(); // the recipe's size is sent, even with an input image
+    const missing = choices.restore(recipe);
+    if (recipe.sampler && choices.hasSampler(recipe.sampler)) $("sampler").value = recipe.sampler;
+    else if (recipe.sampler) missing.push(`the sampler ${recipe.sampler}`);
+    if (Number.isInteger(recipe.seed)) {
+      setSeedRandom(false);
+      $("seed").value = String(recipe.seed);
+      $("count").value = "1";
     }
-    const { generations } = await response.json();
-    const list = $("jobs");
-    list.replaceChildren(...generations.map(jobItem));
-    $("jobs-empty").textContent = "None yet.";
-    $("jobs-empty").hidden = generations.length > 0;
+    $("prompt").focus();
+    const edited = ["img2img", "inpaint"].includes(recipe.mode)
+      ? " Its input image is not kept in it: pick one to edit again." : "";
+    const lacking = missing.length ? ` This server lacks ${missing.join(", ")}: left as it was.` : "";
+    say(`The settings of ${name} are in the form.${edited}${lacking}`);
   }
 
-  function jobItem(job) {
-    const item = document.createElement("li");
-    item.dataset.id = job.id;
-    const button = document.createElement("button");
-    button.type = "button";
-    button.className = "job";
-    const when = new Date(job.createdAt).toLocaleTimeString();
-    const badge = document.createElement("span");
-    badge.className = `badge badge-${job.status}`;
-    badge.textContent = job.status.replace("_", " ");
-    const id = document.createElement("span");
-    id.className = "job-id";
-    id.textContent = job.id;
-    const time = document.createElement("span");
-    time.className = "job-time";
-    time.textContent = when;
-    button.append(badge, time, id);
-    button.setAttribute("aria-label", `${job.status.replace("_", " ")} job from ${when}: ${
-      job.status === "complete" ? "show its images" : "show its state"}`);
-    button.addEventListener("click", () => openJob(job.id));
-    item.append(button);
-    return item;
-  }
+  // -- a recent job, opened ----------------------------------------------------------------
 
   async function openJob(id) {
     try {
@@ -781,7 +396,7 @@
       if (!response.ok) throw await errorOf(response);
       const job = await response.json();
       if (job.status === "complete") {
-        addResults(job, null);
+        results.add(job, null);
         say(`Showing the images of ${id}.`);
         $("gallery").firstElementChild.querySelector("button").focus();
       } else if (!TERMINAL.has(job.status) && !state.job) {
@@ -792,14 +407,14 @@
       }
     } catch (error) {
       say(`Cannot show ${id}: ${error.message}`);
-      refreshJobs();
+      jobs.refresh();
     }
   }
 
   // -- start -------------------------------------------------------------------------------
 
   function start() {
-    setUpKeyDialog();
+    window.DiffusiondHttp.setUp(say);
     $("generate-form").addEventListener("submit", onGenerate);
     $("cancel").addEventListener("click", onCancel);
     $("size").addEventListener("change", syncSize);
@@ -813,14 +428,12 @@
       if ($(field)) $(field).addEventListener("input", () => clearError(field));
     }
     edit.setUp({ changed: inputChanged, say });
-    $("viewer-close").addEventListener("click", () => $("viewer").close());
-    $("viewer").addEventListener("click", (event) => {
-      if (event.target === $("viewer")) $("viewer").close(); // a click on the backdrop
-    });
-    $("jobs-refresh").addEventListener("click", refreshJobs);
-    setSeedRandom($("seedRandom").checked);
+    results.setUp({ reuseSeed, useAsInput, useSettings });
+    jobs.setUp({ open: openJob });
+        setSeedRandom($("seedRandom").checked);
     loadHealth();
-    refreshJobs();
+    jobs.refresh();
+    choices.setUp({ say }).finally(() => { document.body.dataset.choices = "ready"; });
     document.body.dataset.ready = "true";
   }
 
