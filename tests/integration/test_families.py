@@ -21,6 +21,7 @@ from PIL import Image
 
 from diffusiond.backends.families import FAMILIES, edit_pipeline_name, samplers_for_family
 from diffusiond.testing.requests import GENERATIONS, submit
+from diffusiond.testing.waits import eventually
 from tests.support.families import tiny_family_folder
 from tests.support.server import ServerProcess, poll_until, start_server, wait_first_step
 
@@ -111,7 +112,23 @@ def test_a_job_runs_through_progress_and_previews(family_client: FamilyClient) -
         if body["status"] == "in_progress" and body["progress"]["stage"] == "diffusion"
     ]
     assert {progress["totalSteps"] for progress in diffusing} == {4}
-    assert any("preview" in progress for progress in diffusing)
+
+
+def test_a_running_job_shows_live_previews(family_client: FamilyClient) -> None:
+    """Waited for on a long job: a short one's steps can all pass between two polls."""
+    http = family_client.http
+    job_id = family_client.submit({**SMALL, "seed": 1, "steps": 150, "previewEvery": 1})
+
+    def preview() -> dict[str, Any] | None:
+        body = http.get(f"{GENERATIONS}/{job_id}").json()
+        assert body["status"] in ("pending", "in_progress"), body
+        return (body.get("progress") or {}).get("preview")
+
+    shown = eventually(preview, timeout=120, message="a live preview")
+    assert shown is not None
+    assert shown["format"] == "jpeg"
+    assert base64.b64decode(shown["image"])[:2] == b"\xff\xd8"  # a JPEG's first bytes
+    assert http.delete(f"{GENERATIONS}/{job_id}").json()["status"] == "cancelled"
 
 
 @pytest.mark.parametrize("sampler", ["euler_a", "lcm"])  # both draw fresh noise each step

@@ -191,6 +191,8 @@ def test_raw_png_matches_and_its_recipe_makes_it_again(
         "cfg_scale": 5.5,
         "seed": 4243,
         "sampler": "ddim",
+        "model": "builtin",
+        "scheduler": "discrete",
     }
     with Client(live.url) as sdk:
         again = sdk.generate(**recipe)
