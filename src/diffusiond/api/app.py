@@ -36,6 +36,7 @@ from diffusiond.api.ports import (
     Offload,
     check_for_model,
 )
+from diffusiond.api.request_body import read_body
 from diffusiond.api.schemas import (
     DEFAULT_MAX_PIXELS,
     dump,
@@ -55,9 +56,7 @@ from diffusiond.compat.openai.routes import PREFIX as OPENAI_PREFIX
 from diffusiond.compat.openai.routes import OpenAILimits, openai_routes
 from diffusiond.errors import (
     DiffusiondError,
-    InvalidRequest,
     NotFound,
-    PayloadTooLarge,
 )
 from diffusiond.jobs.models import GenerationRequest, Job, JobStatus
 from diffusiond.sampling import samplers_body
@@ -106,33 +105,6 @@ class ApiConfig:
 
 def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(body, status, headers=headers, media_type="application/json")
-
-
-def _declared_length(raw: str, limit: int) -> int:
-    length = read_uint(raw.strip())
-    if length is None:
-        if raw.strip().isdigit():  # ASCII digits, only too many of them: over any limit
-            return limit + 1
-        rule = "a whole number of bytes"
-        raise InvalidRequest(
-            f"Content-Length must be {rule}, got {shown(raw)}", field="Content-Length", rule=rule
-        )
-    return length
-
-
-async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and _declared_length(declared, limit) > limit:
-        raise PayloadTooLarge(f"the request body is over {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class _HeldStream(StreamingResponse):
@@ -208,7 +180,7 @@ class _Endpoints:
         return self._bodies.render(job, position)
 
     async def create(self, request: Request) -> Response:
-        body = await _read_body(request, self._config.max_body_bytes)
+        body = await read_body(request, self._config.max_body_bytes)
         parse = functools.partial(
             parse_generation_request,
             body,

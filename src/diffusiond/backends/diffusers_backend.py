@@ -18,7 +18,6 @@ from diffusiond.backends.allocator import share_one_malloc_arena
 from diffusiond.backends.base import (
     BackendInfo,
     CancelCheck,
-    DeviceOutOfMemory,
     GenerationCancelled,
     ImageSpec,
     PreviewCallback,
@@ -38,7 +37,7 @@ from diffusiond.backends.lora_files import LoraCatalog
 from diffusiond.backends.loras import PipelineLoras
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
-from diffusiond.backends.runtime import is_out_of_memory, prepare_thread, resolve_device
+from diffusiond.backends.runtime import out_of_memory_named, prepare_thread, resolve_device
 from diffusiond.backends.samplers import make_scheduler
 from diffusiond.backends.single_file import (
     SINGLE_FILE_SUFFIXES,
@@ -249,14 +248,8 @@ class DiffusersBackend:
         should_cancel: CancelCheck,
         on_preview: PreviewCallback | None = None,
     ) -> Image:
-        try:
+        with out_of_memory_named(self._device):
             return self._generate(spec, on_stage, should_cancel, on_preview)
-        except GenerationCancelled:
-            raise
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise DeviceOutOfMemory(f"out of memory on {self._device}: {exc}") from exc
-            raise
 
     def _generate(
         self,

@@ -4,9 +4,12 @@ settings torch keeps per thread, and which errors mean the device ran out of mem
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
+from diffusiond.backends.base import DeviceOutOfMemory
 from diffusiond.errors import ModelLoadError
 
 
@@ -41,3 +44,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
     return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+@contextmanager
+def out_of_memory_named(device: str) -> Iterator[None]:
+    """Re-raise a generation's out-of-memory error, whatever raised it (torch, the
+    allocator, a MemoryError), as DeviceOutOfMemory naming the device; anything else as is."""
+    try:
+        yield
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise DeviceOutOfMemory(f"out of memory on {device}: {exc}") from exc
+        raise

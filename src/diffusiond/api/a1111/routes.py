@@ -51,7 +51,6 @@ from diffusiond.api.a1111.transport import (
     first_of,
     http_error,
     internal_error,
-    read_body,
     watch_hang_up,
 )
 from diffusiond.api.events import JobEvents
@@ -63,6 +62,7 @@ from diffusiond.api.ports import (
     Offload,
     check_for_model,
 )
+from diffusiond.api.request_body import read_body
 from diffusiond.errors import AlreadyTerminal, DiffusiondError, InvalidRequest, NotFound, ServerBusy
 from diffusiond.jobs.models import (
     SAMPLERS,

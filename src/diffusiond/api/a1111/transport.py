@@ -14,7 +14,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive
 
-from diffusiond.api.params import read_uint
 from diffusiond.errors import (
     DiffusiondError,
     InvalidRequest,
@@ -74,20 +73,6 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     message = "internal server error; see the server log"
     return answer({"error": "InternalError", "detail": message, "body": "", "errors": message}, 500)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = read_uint(request.headers.get("content-length", "0").strip())
-    if declared is not None and declared > limit:
-        raise PayloadTooLarge(f"the request body is over {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def first_of(*events: asyncio.Event, timeout: float | None = None) -> None:

@@ -14,35 +14,11 @@ from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import collapse_rfc2231_value
 
-from starlette.requests import Request
-
-from diffusiond.api.params import read_uint
-from diffusiond.errors import InvalidRequest, PayloadTooLarge
+from diffusiond.errors import InvalidRequest
 
 MAX_PARTS = 64
 MAX_HEADER_BYTES = 8 * 1024
 FORM_TYPE = "multipart/form-data"
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        length = read_uint(declared.strip())
-        if length is None and not declared.strip().isdigit():
-            raise InvalidRequest(
-                "Content-Length must be a whole number of bytes", field="Content-Length"
-            )
-        if length is None or length > limit:
-            raise PayloadTooLarge(f"the request body is over {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 from diffusiond.api.events import JobEvents
 from diffusiond.api.params import shown
 from diffusiond.api.ports import JobRunner, JobSource, ModelDirectory, Offload, check_for_model
+from diffusiond.api.request_body import read_body
 from diffusiond.compat.openai import answers
 from diffusiond.compat.openai.errors import (
     INVALID,
@@ -43,7 +44,7 @@ from diffusiond.compat.openai.models import (
     model_list_body,
     served_model_id,
 )
-from diffusiond.compat.openai.multipart import parse_form, read_body
+from diffusiond.compat.openai.multipart import parse_form
 from diffusiond.compat.openai.params import size_text
 from diffusiond.compat.openai.requests import OpenAIRequest, parse_edit, parse_generation
 from diffusiond.errors import AlreadyTerminal, InvalidRequest, NotFound
