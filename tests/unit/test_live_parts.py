@@ -109,8 +109,12 @@ def test_recipe_names_scheduler_clip_skip_and_loras_and_the_client_reads_them() 
     assert "Schedule type: karras, Clip skip: 2" in line
     assert 'Lora weights: "detail: 0.8"' in line
     params = png_parameters(png)
-    assert (params["model"], params["scheduler"], params["clip_skip"]) == ("other", "karras", 2)
+    assert (params["scheduler"], params["clip_skip"]) == ("karras", 2)
     assert params["loras"] == [("detail", 0.8)]
+    # the model only from a recipe that names it by catalog id (it has a model hash)
+    assert "model" not in params
+    hashed = image_recipe(spec, "other", model_hash="0123456789")
+    assert png_parameters(encode_png(Image.new("RGB", (4, 4)), hashed))["model"] == "other"
 
 
 @pytest.mark.parametrize(

@@ -30,8 +30,12 @@ def png_parameters(source: bytes | str | Path) -> dict[str, Any]:
         "sampler": recipe["sampler"],
     }
     # What a newer recipe names; an older PNG leaves the server's defaults.
-    optional = {"model": "model", "scheduler": "scheduler", "clipSkip": "clip_skip"}
+    optional = {"scheduler": "scheduler", "clipSkip": "clip_skip"}
     params |= {name: recipe[key] for key, name in optional.items() if recipe.get(key)}
+    # A recipe names its model by catalog id since it has `modelHash`; an older one names a
+    # folder or file, which no server may list: it is drawn with the server's default.
+    if recipe.get("modelHash") and recipe.get("model"):
+        params["model"] = recipe["model"]
     if recipe.get("loras"):
         params["loras"] = [(lora["name"], lora["weight"]) for lora in recipe["loras"]]
     # An edit's settings; its images are not in the PNG (see `png_input_hashes`).
