@@ -1,7 +1,9 @@
 """Tiny random-weight models of the flow-matching families, saved as diffusers folders.
 
 Each is the family's own pipeline with its own module classes, scaled down to a few hundred
-thousand parameters: text encoders from transformers configs, a transformer, a VAE with the
+thousand parameters (the transformers keep their family's head width, with one head, so the
+rope axes, which no tensor records, are the published ones and the same weights load as
+split component files too): text encoders from transformers configs, a transformer, a VAE with the
 usual 8x latent scale, and tokenizers built here from handwritten vocabularies (nothing is
 downloaded). Weights come from fixed seeds, so a folder is the same on every build. Their
 pictures are noise: the point is to run each family's whole real pipeline.
@@ -155,12 +157,12 @@ def _flux1() -> Any:
         in_channels=64,
         num_layers=1,
         num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
+        attention_head_dim=128,  # FLUX.1's own head width, so its rope axes apply
+        num_attention_heads=1,
         joint_attention_dim=32,
         pooled_projection_dim=32,
         guidance_embeds=True,  # shaped like FLUX.1 dev: guidance is an input of the model
-        axes_dims_rope=(4, 4, 8),
+        axes_dims_rope=(16, 56, 56),
     )
     return FluxPipeline(
         scheduler=Scheduler(shift=3.0, use_dynamic_shifting=True),
@@ -182,11 +184,11 @@ def _flux2() -> Any:
         in_channels=128,
         num_layers=1,
         num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
+        attention_head_dim=128,
+        num_attention_heads=1,
         joint_attention_dim=48,  # three of the text encoder's layers, 16 wide each
         timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4),
+        axes_dims_rope=(32, 32, 32, 32),
         guidance_embeds=False,
     )
     return Flux2KleinPipeline(
@@ -209,9 +211,9 @@ def _sd3() -> Any:
         in_channels=16,
         out_channels=16,
         num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
+        attention_head_dim=64,
+        num_attention_heads=1,
+        caption_projection_dim=64,
         joint_attention_dim=64,  # the T5's width; CLIP L + G (32 + 32) are padded to it
         pooled_projection_dim=64,
         pos_embed_max_size=96,
@@ -238,16 +240,16 @@ def _zimage() -> Any:
         all_patch_size=(2,),
         all_f_patch_size=(1,),
         in_channels=16,
-        dim=32,
+        dim=128,
         n_layers=1,
         n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
+        n_heads=1,
+        n_kv_heads=1,
         qk_norm=True,
         cap_feat_dim=16,
         rope_theta=256.0,
-        axes_dims=[8, 4, 4],
-        axes_lens=[1024, 64, 64],
+        axes_dims=[32, 48, 48],
+        axes_lens=[1024, 512, 512],
     )
     with torch.no_grad():  # made with torch.empty: give them values
         transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
@@ -271,11 +273,11 @@ def _qwenimage() -> Any:
         in_channels=64,
         out_channels=16,
         num_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
+        attention_head_dim=128,
+        num_attention_heads=1,
         joint_attention_dim=16,
         guidance_embeds=False,
-        axes_dims_rope=(8, 4, 4),
+        axes_dims_rope=(16, 56, 56),
     )
     vae = AutoencoderKLQwenImage(
         base_dim=8,
@@ -328,10 +330,10 @@ def _chroma() -> Any:
         in_channels=64,
         num_layers=1,
         num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
+        attention_head_dim=128,
+        num_attention_heads=1,
         joint_attention_dim=32,
-        axes_dims_rope=(4, 4, 8),
+        axes_dims_rope=(16, 56, 56),
         approximator_hidden_dim=32,
         approximator_layers=1,
         approximator_num_channels=16,

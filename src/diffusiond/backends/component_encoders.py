@@ -10,7 +10,9 @@ import torch
 from diffusiond.errors import ModelLoadError
 
 
-def load_vae(family: str, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> Any:
+def load_vae(
+    family: str, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, path: Path
+) -> Any:
     raise ModelLoadError(f"vae {path}: {family} from component files is not built yet")
 
 

@@ -1,8 +1,11 @@
 """A family's diffusion model (its transformer) from a component file's tensors.
 
-`load_transformer` converts the original names (BFL's, Stability's, Tongyi's; a ComfyUI
-prefix is dropped) with diffusers' single-file converter for the family, reads the config
-from the tensors' shapes, and builds the module in `dtype`.
+The original names (Black Forest Labs', Stability's, Tongyi's, Qwen's; a ComfyUI
+`model.diffusion_model.` prefix is dropped) are converted by diffusers' single-file converter
+for the family, the config is read from the tensors' shapes (what the weights cannot tell is
+the family's published value), and the module is built in `dtype`. FLUX.1, FLUX.2 and Chroma
+share one layout (transformer_flux.py); SD 3.x, Z-Image and Qwen-Image have their own
+(transformer_mmdit.py).
 """
 
 from __future__ import annotations
@@ -12,10 +15,18 @@ from typing import Any
 
 import torch
 
-from diffusiond.errors import ModelLoadError
+_FLUX_LAYOUT = ("flux1", "flux2", "chroma")
 
 
 def load_transformer(
     family: str, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, path: Path
 ) -> Any:
-    raise ModelLoadError(f"diffusion_model {path}: {family} from component files is not built yet")
+    """The family's transformer module from `state_dict` (read from `path`), in `dtype`;
+    a ModelLoadError naming `path` when the tensors are not such a model."""
+    if family in _FLUX_LAYOUT:
+        from diffusiond.backends.transformer_flux import load_flux_layout
+
+        return load_flux_layout(family, state_dict, dtype, path)
+    from diffusiond.backends.transformer_mmdit import load_mmdit_layout
+
+    return load_mmdit_layout(family, state_dict, dtype, path)

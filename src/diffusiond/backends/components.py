@@ -26,7 +26,8 @@ A text encoder's file rarely carries its tokenizer. CLIP's vocabulary ships in t
 a GGUF text encoder (t5xxl, llm) carries its tokenizer in its metadata, as llama.cpp writes
 it. A .safetensors T5 or LLM has none: `tokenizers` names a folder holding a Hugging Face
 tokenizer folder per role (`tokenizers/t5xxl/`, `tokenizers/llm/`), and without one such a
-model is refused naming the role.
+model is refused naming the role. A role's folder there wins over the file's own tokenizer
+and over the shipped CLIP one (`tokenizers/clip_l/` too).
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ COMFY_PREFIX = "model.diffusion_model."
 # and Chroma share FLUX.1's double/single blocks, so they come first.
 _SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("flux2", ("single_stream_modulation.lin.weight",)),
-    ("chroma", ("distilled_guidance_layer.in_proj.bias", "distilled_guidance_layer.in_proj.weight")),
+    (
+        "chroma",
+        ("distilled_guidance_layer.in_proj.bias", "distilled_guidance_layer.in_proj.weight"),
+    ),
     ("flux1", ("double_blocks.0.img_attn.norm.key_norm.scale",)),
     ("sd3", ("joint_blocks.0.context_block.adaLN_modulation.1.bias",)),
     ("zimage", ("cap_pad_token", "x_pad_token")),
@@ -120,33 +124,12 @@ def components_from_files(
     (given, or detected from the diffusion model), and every role it needs is there.
     A ModelLoadError names `what` (the flag or the manifest) and the role at fault."""
     given = {role: path for role, path in files.items() if path is not None}
-    unknown = sorted(set(given) - set(ROLES))
-    if unknown:
-        raise ModelLoadError(f"{what}: unknown role {unknown[0]!r} (roles: {', '.join(ROLES)})")
-    for role, path in given.items():
-        if path.suffix.lower() not in COMPONENT_SUFFIXES:
-            raise ModelLoadError(
-                f"{what}: {role} {path} must be a .safetensors or .gguf file"
-            )
-        if not path.is_file():
-            raise ModelLoadError(f"{what}: {role} file {path} does not exist")
+    _check_files(given, what)
     diffusion = given.get("diffusion_model")
     if diffusion is None:
         raise ModelLoadError(f"{what}: a diffusion_model file is required")
     if family is None:
-        try:
-            keys = tensor_names(diffusion)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(
-                f"{what}: diffusion_model {diffusion} cannot be read: {exc}"
-            ) from None
-        family = detect_family(keys)
-        if family is None:
-            raise ModelLoadError(
-                f"{what}: the family of {diffusion.name} is not one this server draws "
-                f"({', '.join(FAMILIES)}) by its tensor names; name it with \"family\" in "
-                f"a {MANIFEST_NAME}"
-            )
+        family = _detected_family(diffusion, what)
     elif family not in FAMILIES:
         raise ModelLoadError(f"{what}: family {family!r} is none of {', '.join(FAMILIES)}")
     needed = required_roles(family)
@@ -172,6 +155,32 @@ def components_from_files(
         source=source,
         names={role: path.name for role, path in ordered.items()},
     )
+
+
+def _check_files(given: Mapping[str, Path], what: str) -> None:
+    unknown = sorted(set(given) - set(ROLES))
+    if unknown:
+        raise ModelLoadError(f"{what}: unknown role {unknown[0]!r} (roles: {', '.join(ROLES)})")
+    for role, path in given.items():
+        if path.suffix.lower() not in COMPONENT_SUFFIXES:
+            raise ModelLoadError(f"{what}: {role} {path} must be a .safetensors or .gguf file")
+        if not path.is_file():
+            raise ModelLoadError(f"{what}: {role} file {path} does not exist")
+
+
+def _detected_family(diffusion: Path, what: str) -> str:
+    try:
+        keys = tensor_names(diffusion)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{what}: diffusion_model {diffusion} cannot be read: {exc}") from None
+    family = detect_family(keys)
+    if family is None:
+        raise ModelLoadError(
+            f"{what}: the family of {diffusion.name} is not one this server draws "
+            f'({", ".join(FAMILIES)}) by its tensor names; name it with "family" in '
+            f"a {MANIFEST_NAME}"
+        )
+    return family
 
 
 def read_manifest(folder: Path) -> ComponentFiles:
