@@ -59,6 +59,13 @@ WORKER_FIELDS = frozenset(
         "broker",
         "model",
         "model_config",
+        "diffusion_model",  # and its companions: the split-component default model
+        "vae",
+        "clip_l",
+        "clip_g",
+        "t5xxl",
+        "llm",
+        "tokenizers",
         "models_dir",  # each worker serves every model (and LoRA) of its own models dir
         "max_loaded_models",
         "loras_dir",

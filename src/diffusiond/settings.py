@@ -43,6 +43,14 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     model_config: Path | None = None
+    # Split components (stable-diffusion.cpp's roles): together they are the default model.
+    diffusion_model: Path | None = None
+    vae: Path | None = None
+    clip_l: Path | None = None
+    clip_g: Path | None = None
+    t5xxl: Path | None = None
+    llm: Path | None = None
+    tokenizers: Path | None = None  # tokenizer folders by role, for files that carry none
     models_dir: Path | None = None  # every model folder / checkpoint file in it is a model
     loras_dir: Path | None = None  # None: models_dir/loras
     max_loaded_models: int = 1
@@ -245,6 +253,67 @@ OPTIONS: tuple[Option, ...] = (
         "a diffusers config folder describing a single-file checkpoint (default: the config "
         "shipped for the architecture detected from its keys)",
         shown_default="the shipped config",
+    ),
+    Option(
+        "diffusion_model",
+        "--diffusion-model",
+        "DIFFUSIOND_DIFFUSION_MODEL",
+        _path,
+        "the diffusion model (transformer) file of a FLUX.1, FLUX.2 klein, SD 3.x, Z-Image, "
+        "Qwen-Image or Chroma model given as split components (.safetensors or .gguf); with "
+        "the files of the other roles its family needs it is the default model, its id the "
+        "file stem",
+        shown_default="none",
+    ),
+    Option(
+        "vae",
+        "--vae",
+        "DIFFUSIOND_VAE",
+        _path,
+        "the VAE file of the split-component model (.safetensors or .gguf)",
+        shown_default="none",
+    ),
+    Option(
+        "clip_l",
+        "--clip-l",
+        "DIFFUSIOND_CLIP_L",
+        _path,
+        "the CLIP-L text encoder file of the split-component model (FLUX.1, SD 3.x)",
+        shown_default="none",
+    ),
+    Option(
+        "clip_g",
+        "--clip-g",
+        "DIFFUSIOND_CLIP_G",
+        _path,
+        "the CLIP-G text encoder file of the split-component model (SD 3.x)",
+        shown_default="none",
+    ),
+    Option(
+        "t5xxl",
+        "--t5xxl",
+        "DIFFUSIOND_T5XXL",
+        _path,
+        "the T5-XXL text encoder file of the split-component model (FLUX.1, SD 3.x, Chroma)",
+        shown_default="none",
+    ),
+    Option(
+        "llm",
+        "--llm",
+        "DIFFUSIOND_LLM",
+        _path,
+        "the language-model text encoder file of the split-component model (FLUX.2 klein, "
+        "Z-Image, Qwen-Image)",
+        shown_default="none",
+    ),
+    Option(
+        "tokenizers",
+        "--tokenizers",
+        "DIFFUSIOND_TOKENIZERS",
+        _path,
+        "a folder of Hugging Face tokenizer folders by role (t5xxl/, llm/, ...) for component "
+        "files that carry no tokenizer",
+        shown_default="none",
     ),
     Option(
         "models_dir",

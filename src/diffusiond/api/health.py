@@ -60,5 +60,6 @@ def health_body(
         "dtype": info.dtype,
         "architecture": info.architecture,
         "loadedModels": list(info.models),
+        "components": dict(info.components),
         **engine.health_extra(),
     }

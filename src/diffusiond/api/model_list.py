@@ -23,6 +23,8 @@ def models_body(
             "loaded": entry.id in loaded,
             "default": entry.id == directory.default_id,
         }
+        if entry.components is not None:
+            item["components"] = dict(entry.components.names)
         if with_paths:
             item["path"] = str(entry.path) if entry.path is not None else None
         listed.append(item)

@@ -247,6 +247,12 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                     "description": "with the key: the ids of the models loaded now (in broker "
                     "mode, on any worker), the least recently used first",
                 },
+                "components": {
+                    "type": "object",
+                    "additionalProperties": {"type": "string"},
+                    "description": "with the key: the default model's split component files "
+                    "by role ({} for any other model)",
+                },
             },
             "description": "without the API key (where one is set) only status, busy, "
             "pollIntervalMs, maxBatch and version",

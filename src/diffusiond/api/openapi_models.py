@@ -18,11 +18,18 @@ def model_schemas() -> dict[str, Any]:
                 "id": {"type": "string", "description": "what a request's `model` takes"},
                 "architecture": {
                     "type": "string",
-                    "description": "sd1, sd2, sdxl, or unknown where it cannot be told cheaply",
+                    "description": "sd1, sd2, sdxl, a flow family (flux1, flux2, sd3, zimage, "
+                    "qwenimage, chroma), or unknown where it cannot be told cheaply",
                 },
                 "format": {"type": "string", "enum": [*FORMATS, "plugin"]},
                 "loaded": {"type": "boolean", "description": "in memory now (on any worker)"},
                 "default": {"type": "boolean", "description": "what a request without model uses"},
+                "components": {
+                    "type": "object",
+                    "additionalProperties": {"type": "string"},
+                    "description": "format components only: each role's file name "
+                    "(diffusion_model, vae, clip_l, clip_g, t5xxl, llm)",
+                },
                 "path": {
                     "type": ["string", "null"],
                     "description": "only where the request carries the API key; null: built-in",

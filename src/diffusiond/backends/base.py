@@ -50,6 +50,7 @@ class BackendInfo:
     dtype: str
     architecture: str = "unknown"  # sd1, sd2, sdxl, or a flow family (families.py)
     models: tuple[str, ...] = ()
+    components: tuple[tuple[str, str], ...] = ()  # (role, file name) of split components
 
 
 @dataclass(frozen=True)

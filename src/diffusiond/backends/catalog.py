@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffusiond.backends.components import MANIFEST_NAME, ComponentFiles, read_manifest
 from diffusiond.backends.families import family_for_pipeline
 from diffusiond.errors import InvalidRequest, ModelLoadError
 
@@ -35,7 +36,7 @@ LORAS_FOLDER = "loras"  # DIR/loras holds LoRA files, not a model
 # backends/single_file.py, because that module imports torch and the catalog runs on API
 # nodes without it; tests/unit/test_catalog.py checks the two lists agree.
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
-FORMATS = ("builtin", "diffusers", "safetensors", "ckpt", "gguf")
+FORMATS = ("builtin", "diffusers", "safetensors", "ckpt", "gguf", "components")
 MAX_ID_CHARS = 200  # the API's rule for a model id (api/schemas.py MAX_NAME_CHARS)
 
 _UNET_PREFIX = "model.diffusion_model."
@@ -49,7 +50,8 @@ class ModelEntry:
     id: str
     format: str  # one of FORMATS
     architecture: str  # sd1, sd2, sdxl, a flow family's name (families.py), or unknown
-    path: Path | None
+    path: Path | None  # for components: the diffusion model's file
+    components: ComponentFiles | None = None  # format "components" only
 
 
 def architecture_from_keys(keys: frozenset[str]) -> str:
@@ -105,15 +107,32 @@ def folder_entry_architecture(path: Path) -> str:
 def describe(path: Path, model_id: str) -> ModelEntry | None:
     """The catalog entry for a folder or file, None when it is no model (logged why)."""
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            return None
-        return ModelEntry(model_id, "diffusers", folder_entry_architecture(path), path)
+        if (path / "model_index.json").is_file():
+            return ModelEntry(model_id, "diffusers", folder_entry_architecture(path), path)
+        if (path / MANIFEST_NAME).is_file():
+            return _describe_manifest(path, model_id)
+        return None
     suffix = path.suffix.lower()
     if not path.is_file() or suffix not in MODEL_FILE_SUFFIXES:
         return None
     if suffix != ".safetensors":
         return ModelEntry(model_id, suffix[1:], "unknown", path)
     return _describe_safetensors(path, model_id)
+
+
+def components_entry(model_id: str, components: ComponentFiles) -> ModelEntry:
+    """The entry of a model made of component files (a manifest's, or the flags')."""
+    diffusion = components.files["diffusion_model"]
+    return ModelEntry(model_id, "components", components.family, diffusion, components)
+
+
+def _describe_manifest(path: Path, model_id: str) -> ModelEntry | None:
+    try:
+        components = read_manifest(path)
+    except ModelLoadError as exc:
+        log.warning("models dir: %s is skipped: %s", path.name, exc)
+        return None
+    return components_entry(model_id, components)
 
 
 def _describe_safetensors(path: Path, model_id: str) -> ModelEntry | None:
@@ -135,7 +154,13 @@ def _model_id(path: Path) -> str:
 class ModelCatalog:
     """The models of one models dir, the built-in model and the default. Thread-safe."""
 
-    def __init__(self, models_dir: Path | None, *, default: Path | None = None) -> None:
+    def __init__(
+        self,
+        models_dir: Path | None,
+        *,
+        default: Path | None = None,
+        default_components: ComponentFiles | None = None,
+    ) -> None:
         self.models_dir = models_dir
         self._lock = threading.Lock()
         self._scan_lock = threading.Lock()  # one scan at a time: `_seen` is its cache
@@ -143,7 +168,14 @@ class ModelCatalog:
         self._entries: dict[str, ModelEntry] = {}
         self._extra: ModelEntry | None = None  # a default given as a path outside the dir
         self._scan()
-        self.default_id = self._resolve_default(default)
+        if default_components is not None:
+            # --diffusion-model and its companions: a model of its own, named by that file
+            diffusion = default_components.files["diffusion_model"]
+            self._extra = components_entry(diffusion.stem[:MAX_ID_CHARS], default_components)
+            self._scan()
+            self.default_id = self._extra.id
+        else:
+            self.default_id = self._resolve_default(default)
 
     # -- what callers use -------------------------------------------------------------------
 
@@ -215,8 +247,10 @@ class ModelCatalog:
         ]
 
     def _cached_describe(self, path: Path) -> ModelEntry | None:
+        manifest = path / MANIFEST_NAME
         try:
-            stat = path.stat()
+            # a manifest edited in place changes no folder stamp: its own stamp counts
+            stat = manifest.stat() if manifest.is_file() else path.stat()
         except OSError:
             return None
         stamp = (stat.st_size, stat.st_mtime_ns)

@@ -10,6 +10,7 @@ from diffusiond.backends.families import family_for_pipeline
 
 if TYPE_CHECKING:
     from diffusiond.backends.base import Backend
+    from diffusiond.backends.components import ComponentFiles
     from diffusiond.settings import Settings
 
 
@@ -54,4 +55,19 @@ def backend_for_model_path(path: Path | None, settings: Settings) -> Backend:
         model_config=settings.model_config,
         compile_model=settings.compile,
         loras_dir=lora_folder(settings.models_dir, settings.loras_dir),
+    )
+
+
+def backend_for_components(components: ComponentFiles, settings: Settings) -> Backend:
+    """The flow backend for a model of split component files (backends/components.py)."""
+    from diffusiond.backends.families import FAMILIES
+    from diffusiond.backends.flow_backend import FlowBackend
+
+    return FlowBackend(
+        model_path=components.files["diffusion_model"],
+        family=FAMILIES[components.family],
+        device=settings.device,
+        torch_threads=settings.torch_threads,
+        dtype=settings.dtype,
+        components=components,
     )

@@ -6,20 +6,44 @@ import importlib
 
 from diffusiond.backends.base import Backend
 from diffusiond.backends.catalog import ModelCatalog, ModelEntry
-from diffusiond.errors import SettingsError
+from diffusiond.backends.components import ROLES, ComponentFiles, components_from_files
+from diffusiond.errors import ModelLoadError, SettingsError
 from diffusiond.settings import Settings
 
 
 def model_catalog(settings: Settings) -> ModelCatalog:
-    """The catalog of `--models-dir` with `--model` as its default (API nodes build it too)."""
-    return ModelCatalog(settings.models_dir, default=settings.model)
+    """The catalog of `--models-dir` with `--model` (or the split components of
+    `--diffusion-model` and its companions) as its default (API nodes build it too)."""
+    return ModelCatalog(
+        settings.models_dir, default=settings.model, default_components=flag_components(settings)
+    )
+
+
+def flag_components(settings: Settings) -> ComponentFiles | None:
+    """The split components the flags name; None when no component flag is given."""
+    files = {role: getattr(settings, role) for role in ROLES}
+    given = [role for role, path in files.items() if path is not None]
+    if not given and settings.tokenizers is None:
+        return None
+    if settings.model is not None:
+        raise SettingsError(
+            "--model and --diffusion-model (split components) both name the default model: "
+            "give one of them"
+        )
+    flags = ", ".join("--" + role.replace("_", "-") for role in given) or "--tokenizers"
+    try:
+        return components_from_files(files, tokenizers=settings.tokenizers, what=flags)
+    except ModelLoadError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def backend_for_model(entry: ModelEntry, settings: Settings) -> Backend:
     """One model's backend, not loaded yet: what the model set builds for each model (the
     family of a diffusers folder picks it: backends/dispatch.py)."""
-    from diffusiond.backends.dispatch import backend_for_model_path
+    from diffusiond.backends.dispatch import backend_for_components, backend_for_model_path
 
+    if entry.components is not None:
+        return backend_for_components(entry.components, settings)
     return backend_for_model_path(entry.path, settings)
 
 

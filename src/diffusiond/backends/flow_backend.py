@@ -33,6 +33,8 @@ from diffusiond.backends.base import (
     PreviewCallback,
     StageCallback,
 )
+from diffusiond.backends.component_pipeline import build_pipeline
+from diffusiond.backends.components import ComponentFiles
 from diffusiond.backends.editing import PreparedEdit, paste_back, prepare_edit
 from diffusiond.backends.families import (
     FLOW_SAMPLERS,
@@ -118,9 +120,11 @@ class FlowBackend:
         device: str,
         torch_threads: int,
         dtype: str = "auto",
+        components: ComponentFiles | None = None,
     ) -> None:
         share_one_malloc_arena()  # before the engine's workers start: see allocator.py
         self._model_path = model_path
+        self._components = components  # None: model_path is a diffusers folder
         self._family = family
         self._requested_device = device
         self._requested_dtype = dtype
@@ -143,6 +147,7 @@ class FlowBackend:
             device=self._device,
             dtype=self._dtype_name,
             architecture=self._family.name,
+            components=tuple(self._components.names.items()) if self._components else (),
         )
 
     def _load(self) -> Any:
@@ -153,9 +158,14 @@ class FlowBackend:
         self._dtype_name = dtype_name(dtype)
         path = self._model_path
         try:
-            pipeline = getattr(diffusers, self._family.pipeline).from_pretrained(
-                str(path), dtype=dtype, local_files_only=True, low_cpu_mem_usage=True
-            )
+            if self._components is not None:
+                pipeline = build_pipeline(self._components, dtype)
+            else:
+                pipeline = getattr(diffusers, self._family.pipeline).from_pretrained(
+                    str(path), dtype=dtype, local_files_only=True, low_cpu_mem_usage=True
+                )
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise ModelLoadError(f"model path {path} could not be loaded: {exc}") from exc
         pipeline.to(self._device)

@@ -64,7 +64,17 @@ _COARSE = {
     Status.ACTIVE.value: JobStatus.IN_PROGRESS,
     Status.ABORTING.value: JobStatus.IN_PROGRESS,
 }
-_WORKER_FIELDS = ("host", "pid", "backend", "model", "device", "dtype", "architecture", "models")
+_WORKER_FIELDS = (
+    "host",
+    "pid",
+    "backend",
+    "model",
+    "device",
+    "dtype",
+    "architecture",
+    "models",
+    "components",
+)
 
 
 def _now_ms() -> int:
@@ -241,6 +251,7 @@ class BrokerEngine(Admission):
                     str(worker.get("dtype", "?")),
                     str(worker.get("architecture", "unknown")),
                     models=tuple(loaded),
+                    components=_components(worker.get("components")),
                 )
         return BackendInfo("none", "no worker connected", "-", "-")
 
@@ -374,3 +385,10 @@ class BrokerEngine(Admission):
             except (RedisError, OSError) as exc:
                 log.warning("broker sweep failed: %s", exc)
             await asyncio.sleep(interval_s)
+
+
+def _components(published: object) -> tuple[tuple[str, str], ...]:
+    """A worker's published {role: file name}, as BackendInfo keeps it."""
+    if not isinstance(published, dict):
+        return ()
+    return tuple((str(role), str(name)) for role, name in published.items())

@@ -152,6 +152,7 @@ class WorkerRuntime:
             dtype=info.dtype,
             architecture=info.architecture,
             models=list(info.models),
+            components=dict(info.components),
         )
         print("diffusiond: worker ready", flush=True)
 
