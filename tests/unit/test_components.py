@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -168,9 +169,13 @@ def test_the_catalog_lists_a_manifest_folder_and_sees_it_edited(tmp_path: Path) 
     assert [entry.id for entry in catalog.entries()] == ["builtin"]
 
 
+def _flag_settings(files: dict[str, Path]) -> Settings:
+    return dataclasses.replace(Settings(), **files)  # type: ignore[arg-type]
+
+
 def test_the_flags_make_the_default_model_named_by_the_diffusion_file(tmp_path: Path) -> None:
     files = _flux_files(tmp_path)
-    settings = Settings(**files)
+    settings = _flag_settings(files)
     catalog = model_catalog(settings)
     assert catalog.default_id == "flux"
     entry = catalog.find(None)
@@ -181,7 +186,7 @@ def test_the_flags_make_the_default_model_named_by_the_diffusion_file(tmp_path: 
 def test_the_flags_and_model_together_are_refused(tmp_path: Path) -> None:
     files = _flux_files(tmp_path)
     with pytest.raises(SettingsError, match="--model and --diffusion-model"):
-        flag_components(Settings(model=tmp_path, **files))
+        flag_components(dataclasses.replace(_flag_settings(files), model=tmp_path))
     with pytest.raises(SettingsError, match=r"--diffusion-model, --vae.*needs"):
         flag_components(Settings(diffusion_model=files["diffusion_model"], vae=files["vae"]))
     assert flag_components(Settings()) is None
