@@ -125,13 +125,15 @@ def _qwen3(layers: int, causal_lm: bool) -> Any:
     return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval()
 
 
-def _vae(latent_channels: int, vae_class: Any = None) -> Any:
+def _vae(latent_channels: int, vae_class: Any = None, *, sd3: bool = False) -> Any:
     """An AutoencoderKL-shaped VAE: four levels, three 2x steps, the usual 8x scale."""
     from diffusers import AutoencoderKL
 
     scaling: dict[str, float] = {}
-    if vae_class is None:  # FLUX.1's latent scaling (the Flux2 VAE normalises by batch norm)
-        scaling = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+    if vae_class is None:  # the published latent scaling (the Flux2 VAE's is a batch norm)
+        scaling = {"scaling_factor": 0.3611, "shift_factor": 0.1159}  # FLUX.1's autoencoder
+        if sd3:
+            scaling = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
     return (vae_class or AutoencoderKL)(
         **scaling,
         in_channels=3,
@@ -221,7 +223,7 @@ def _sd3() -> Any:
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=Scheduler(shift=3.0),
-        vae=_vae(16),
+        vae=_vae(16, sd3=True),
         text_encoder=_clip_text(with_projection=True),
         tokenizer=clip_tokenizer(),
         text_encoder_2=_clip_text(with_projection=True),
@@ -312,8 +314,10 @@ def _qwenimage() -> Any:
         vision_end_token_id=QWEN_VOCAB,
         vision_token_id=QWEN_VOCAB,
     )
+    from diffusiond.backends.component_pipeline import SCHEDULER_DEFAULTS
+
     return QwenImagePipeline(
-        scheduler=Scheduler(shift=3.0, use_dynamic_shifting=True),
+        scheduler=Scheduler(**SCHEDULER_DEFAULTS["qwenimage"]),  # the published config
         vae=vae,
         text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
         tokenizer=qwen_tokenizer(),

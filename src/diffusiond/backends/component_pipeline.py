@@ -33,7 +33,7 @@ SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
     "flux1": {"shift": 3.0, **_DYNAMIC},
     "flux1-schnell": {"shift": 1.0, "use_dynamic_shifting": False},
     "flux2": {"shift": 3.0, **_DYNAMIC},
-    "chroma": {"shift": 1.0, **_DYNAMIC},
+    "chroma": {"shift": 3.0, **_DYNAMIC},  # Chroma publishes FLUX.1 dev's
     "sd3": {"shift": 3.0},
     "zimage": {"shift": 3.0},
     "qwenimage": {
