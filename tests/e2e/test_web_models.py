@@ -375,3 +375,26 @@ def test_without_a_model_list_the_servers_architecture_picks_the_loras(
     page.get_by_role("button", name="Add a LoRA").click()
     assert option_values(page.get_by_label("LoRA 1", exact=True)) == ["mine"]
     expect(page.get_by_role("button", name="Add a LoRA")).to_be_disabled()
+
+
+def test_a_split_component_model_shows_its_files(catalog_server: ServerProcess, page: Page) -> None:
+    """The page shows the files GET /v1/models lists for a model of split components (the
+    listing itself is proven over HTTP in tests/integration/test_components.py)."""
+    files = {"diffusion_model": "flux1-schnell-Q8_0.gguf", "vae": "ae.safetensors"}
+    flux = {"id": "fluxy", "architecture": "flux1", "format": "components", "loaded": False,
+            "default": False, "components": files}  # fmt: skip
+    answer_with(page, "models", lambda body: {"models": [*body["models"], flux]})
+    open_choices(page, catalog_server)
+    model = page.get_by_label("Model", exact=True)
+    expect(page.locator("#model-files")).to_be_hidden()  # the default is one folder
+    option = model.locator('option[value="fluxy"]')
+    expect(option).to_have_text("fluxy (flux1, components)")
+    expect(option).to_have_attribute(
+        "title", "diffusion_model flux1-schnell-Q8_0.gguf · vae ae.safetensors"
+    )
+    model.select_option("fluxy")
+    expect(page.locator("#model-files")).to_have_text(
+        "Files: diffusion_model flux1-schnell-Q8_0.gguf · vae ae.safetensors"
+    )
+    model.select_option(index=0)
+    expect(page.locator("#model-files")).to_be_hidden()

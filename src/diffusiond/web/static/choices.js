@@ -56,19 +56,37 @@ window.DiffusiondChoices = (() => {
     return `${model.id} (${marks.filter(Boolean).join(", ")})`;
   }
 
+  /** "diffusion_model flux.gguf · vae ae.safetensors · ..." for split components, or "". */
+  function componentsText(model) {
+    const parts = model && model.components && typeof model.components === "object"
+      ? Object.entries(model.components) : [];
+    return parts.map(([role, file]) => `${role} ${file}`).join(" · ");
+  }
+
+  function showModelFiles() {
+    const text = componentsText(chosenModel());
+    $("model-files").hidden = !text;
+    $("model-files").textContent = text ? `Files: ${text}` : "";
+  }
+
   function showModels(body) {
     const list = body && Array.isArray(body.models) ? body.models.filter((m) => m && m.id) : [];
     models = list.length ? list : null;
     $("model-field").hidden = models === null;
     if (!models) return;
     const select = $("model");
-    select.replaceChildren(...models.map((model) => new Option(modelLabel(model), model.id)));
+    select.replaceChildren(...models.map((model) => {
+      const option = new Option(modelLabel(model), model.id);
+      if (componentsText(model)) option.title = componentsText(model);
+      return option;
+    }));
     const preferred = models.find((model) => model.default) || models[0];
     select.value = preferred.id;
     const loaded = models.filter((model) => model.loaded).length;
     $("model-help").textContent = `${models.length} model${models.length === 1 ? "" : "s"}, ` +
       `${loaded} loaded. A model that is not loaded is loaded by the job first (its ` +
       "\"Preparing\" stage), which takes a while.";
+    showModelFiles();
   }
 
   function showLoras(body) {
@@ -279,7 +297,7 @@ window.DiffusiondChoices = (() => {
   function setUp(given) {
     hooks = given;
     $("lora-add").addEventListener("click", onAdd);
-    $("model").addEventListener("change", syncLoras);
+    $("model").addEventListener("change", () => { syncLoras(); showModelFiles(); });
     return load();
   }
 
