@@ -228,3 +228,54 @@ def test_another_flux_layout_family_is_refused_naming_it(tmp_path: Path) -> None
     with pytest.raises(ModelLoadError, match="a chroma model, not flux1") as caught:
         load_flux_layout("flux1", read_component(path, torch.float32), torch.float32, path)
     assert str(path) in caught.value.message
+
+
+# The published models' configs (the fields diffusers' class defaults do not already give).
+_PUBLISHED = {
+    "FLUX.1-dev": ("flux1", "FluxTransformer2DModel", {"guidance_embeds": True}),
+    "FLUX.1-schnell": ("flux1", "FluxTransformer2DModel", {"guidance_embeds": False}),
+    "Chroma1-HD": ("chroma", "ChromaTransformer2DModel", {}),
+    "FLUX.2-klein-4B": (
+        "flux2",
+        "Flux2Transformer2DModel",
+        {
+            "num_layers": 5,
+            "num_single_layers": 20,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 7680,
+            "guidance_embeds": False,
+        },
+    ),
+    "FLUX.2-klein-9B": (
+        "flux2",
+        "Flux2Transformer2DModel",
+        {
+            "num_layers": 8,
+            "num_single_layers": 24,
+            "num_attention_heads": 32,
+            "joint_attention_dim": 12288,
+            "guidance_embeds": False,
+        },
+    ),
+    "FLUX.2-dev": ("flux2", "Flux2Transformer2DModel", {}),
+}
+
+
+@pytest.mark.parametrize("model", sorted(_PUBLISHED))
+def test_a_published_model_s_config_is_read_from_its_full_size_shapes(model: str) -> None:
+    """Full-size tensors on the meta device (no memory): the published width (3072 and
+    more) goes through the converters' own cuts, and every config field comes back."""
+    import warnings
+
+    import diffusers
+
+    family, class_name, config = _PUBLISHED[model]
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Chroma's deprecated rope import, inside diffusers
+        published = getattr(diffusers, class_name)(**config)
+    tensors = original_layout(family, published)
+    loaded = load_flux_layout(family, tensors, torch.bfloat16, Path(f"{model}.safetensors"))
+    public = {key: value for key, value in published.config.items() if not key.startswith("_")}
+    assert {key: loaded.config[key] for key in public} == public
+    shapes = {name: tensor.shape for name, tensor in loaded.state_dict().items()}
+    assert shapes == {name: tensor.shape for name, tensor in published.state_dict().items()}
