@@ -231,7 +231,7 @@ def test_another_flux_layout_family_is_refused_naming_it(tmp_path: Path) -> None
 
 
 # The published models' configs (the fields diffusers' class defaults do not already give).
-_PUBLISHED = {
+_PUBLISHED: dict[str, tuple[str, str, dict[str, Any]]] = {
     "FLUX.1-dev": ("flux1", "FluxTransformer2DModel", {"guidance_embeds": True}),
     "FLUX.1-schnell": ("flux1", "FluxTransformer2DModel", {"guidance_embeds": False}),
     "Chroma1-HD": ("chroma", "ChromaTransformer2DModel", {}),
