@@ -85,6 +85,22 @@ def scheduler_defaults(family: str, transformer: Any) -> dict[str, Any]:
     return dict(SCHEDULER_DEFAULTS[family])
 
 
+def refuse_variant(family: str, config: Any, path: Path) -> None:
+    """A ModelLoadError for the family's variants its text-to-image pipeline cannot draw:
+    FLUX.1 Fill, Depth and Kontext take image channels besides the latents; FLUX.2 dev has
+    a guidance embedder and another text encoder (Mistral) than klein's Qwen3."""
+    if family == "flux1" and getattr(config, "in_channels", 64) != 64:
+        raise ModelLoadError(
+            f"diffusion_model {path}: a FLUX.1 model with {config.in_channels} input channels "
+            "(Fill, Depth or Kontext) needs another pipeline than text-to-image FLUX.1"
+        )
+    if family == "flux2" and getattr(config, "guidance_embeds", False):
+        raise ModelLoadError(
+            f"diffusion_model {path}: FLUX.2 dev (a guidance embedder) is not supported; "
+            "FLUX.2 klein is"
+        )
+
+
 def build_pipeline(components: ComponentFiles, dtype: torch.dtype) -> Any:
     """The family's text-to-image pipeline over the modules built from `components`."""
     import diffusers
@@ -97,6 +113,7 @@ def build_pipeline(components: ComponentFiles, dtype: torch.dtype) -> Any:
     transformer = load_transformer(
         family, read_component(files["diffusion_model"], dtype), dtype, files["diffusion_model"]
     )
+    refuse_variant(family, transformer.config, files["diffusion_model"])
     vae = load_vae(family, read_component(files["vae"], dtype), dtype, files["vae"])
     parts: dict[str, Any] = {"transformer": transformer, "vae": vae}
     for role, encoder_name, tokenizer_name in encoder_arguments(family):
