@@ -18,6 +18,7 @@ from diffusiond.backends.components import (
     detect_family,
     read_manifest,
     required_roles,
+    single_file_components,
     tensor_names,
 )
 from diffusiond.backends.factory import flag_components, model_catalog
@@ -207,3 +208,41 @@ def test_a_gguf_header_gives_its_tensor_names(tmp_path: Path) -> None:
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\0" * 3)
     with pytest.raises(ValueError, match="not a readable GGUF"):
         tensor_names(tmp_path / "junk.gguf")
+
+
+def test_a_comfyui_checkpoint_is_components_of_one_file_under_prefixes(tmp_path: Path) -> None:
+    path = tmp_path / "sd35.safetensors"
+    keys = [
+        "model.diffusion_model." + SIGNATURE["sd3"],
+        "first_stage_model.decoder.conv_in.weight",
+        "text_encoders.clip_l.transformer.text_model.x",
+        "text_encoders.clip_g.transformer.text_model.x",
+        "text_encoders.t5xxl.transformer.encoder.x",
+    ]
+    components = single_file_components(path, "sd3", keys)
+    assert set(components.files.values()) == {path}
+    assert components.prefixes == {
+        "diffusion_model": "model.diffusion_model.",
+        "vae": "first_stage_model.",
+        "clip_l": "text_encoders.clip_l.transformer.",
+        "clip_g": "text_encoders.clip_g.transformer.",
+        "t5xxl": "text_encoders.t5xxl.transformer.",
+    }
+
+
+def test_a_file_of_the_diffusion_model_alone_asks_for_the_other_parts(tmp_path: Path) -> None:
+    path = tmp_path / "flux1-dev.safetensors"
+    with pytest.raises(ModelLoadError, match=r"flux1-dev\.safetensors .* without its vae, clip_l"):
+        single_file_components(path, "flux1", [SIGNATURE["flux1"]])
+    partial = ["model.diffusion_model." + SIGNATURE["flux1"], "vae.decoder.conv_in.weight"]
+    with pytest.raises(ModelLoadError, match="without its clip_l, t5xxl: give them"):
+        single_file_components(path, "flux1", partial)
+
+
+def test_the_catalog_names_a_flow_single_file_by_its_family(tmp_path: Path) -> None:
+    _tensors_file(tmp_path / "chroma-hd.safetensors", SIGNATURE["chroma"], SIGNATURE["flux1"])
+    entries = {entry.id: entry for entry in ModelCatalog(tmp_path).entries()}
+    assert (entries["chroma-hd"].format, entries["chroma-hd"].architecture) == (
+        "safetensors",
+        "chroma",
+    )

@@ -24,7 +24,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusiond.backends.components import MANIFEST_NAME, ComponentFiles, read_manifest
+from diffusiond.backends.components import (
+    MANIFEST_NAME,
+    ComponentFiles,
+    detect_family,
+    read_manifest,
+    tensor_names,
+)
 from diffusiond.backends.families import family_for_pipeline
 from diffusiond.errors import InvalidRequest, ModelLoadError
 
@@ -107,17 +113,36 @@ def folder_entry_architecture(path: Path) -> str:
 def describe(path: Path, model_id: str) -> ModelEntry | None:
     """The catalog entry for a folder or file, None when it is no model (logged why)."""
     if path.is_dir():
-        if (path / "model_index.json").is_file():
-            return ModelEntry(model_id, "diffusers", folder_entry_architecture(path), path)
-        if (path / MANIFEST_NAME).is_file():
-            return _describe_manifest(path, model_id)
-        return None
+        return _describe_folder(path, model_id)
     suffix = path.suffix.lower()
     if not path.is_file() or suffix not in MODEL_FILE_SUFFIXES:
         return None
+    if suffix == ".gguf":
+        return _describe_gguf(path, model_id)
     if suffix != ".safetensors":
         return ModelEntry(model_id, suffix[1:], "unknown", path)
     return _describe_safetensors(path, model_id)
+
+
+def _describe_folder(path: Path, model_id: str) -> ModelEntry | None:
+    if (path / "model_index.json").is_file():
+        return ModelEntry(model_id, "diffusers", folder_entry_architecture(path), path)
+    if (path / MANIFEST_NAME).is_file():
+        return _describe_manifest(path, model_id)
+    return None
+
+
+def _describe_gguf(path: Path, model_id: str) -> ModelEntry:
+    """A GGUF's architecture from its tensor names; unknown when they cannot be read (the
+    loader then says why, naming the file)."""
+    try:
+        keys = tensor_names(path)
+    except (OSError, ValueError):
+        return ModelEntry(model_id, "gguf", "unknown", path)
+    architecture = architecture_from_keys(keys)
+    if architecture == "unknown":
+        architecture = detect_family(keys) or "unknown"
+    return ModelEntry(model_id, "gguf", architecture, path)
 
 
 def components_entry(model_id: str, components: ComponentFiles) -> ModelEntry:
@@ -141,6 +166,9 @@ def _describe_safetensors(path: Path, model_id: str) -> ModelEntry | None:
     except (OSError, ValueError) as exc:
         log.warning("models dir: %s is not a readable .safetensors file: %s", path.name, exc)
         return None
+    family = detect_family(keys)
+    if family is not None:  # a flow family's diffusion model, alone or with its other parts
+        return ModelEntry(model_id, "safetensors", family, path)
     if not any(key.startswith(_UNET_PREFIX) for key in keys):
         log.info("models dir: %s has no UNet weights (a LoRA or a VAE?): skipped", path.name)
         return None

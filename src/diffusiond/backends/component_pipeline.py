@@ -110,11 +110,13 @@ def build_pipeline(components: ComponentFiles, dtype: torch.dtype) -> Any:
 
     family = components.family
     files = components.files
-    transformer = load_transformer(
-        family, read_component(files["diffusion_model"], dtype), dtype, files["diffusion_model"]
-    )
+    prefixes = components.prefixes
+    diffusion = read_component(files["diffusion_model"], dtype, prefixes.get("diffusion_model", ""))
+    transformer = load_transformer(family, diffusion, dtype, files["diffusion_model"])
+    del diffusion  # the loader took what it needed
     refuse_variant(family, transformer.config, files["diffusion_model"])
-    vae = load_vae(family, read_component(files["vae"], dtype), dtype, files["vae"])
+    vae_tensors = read_component(files["vae"], dtype, prefixes.get("vae", ""))
+    vae = load_vae(family, vae_tensors, dtype, files["vae"])
     parts: dict[str, Any] = {"transformer": transformer, "vae": vae}
     for role, encoder_name, tokenizer_name in encoder_arguments(family):
         encoder, tokenizer = load_text_encoder(

@@ -73,6 +73,9 @@ class ComponentFiles:
     tokenizers: Path | None = None  # a folder of tokenizer folders by role
     source: Path | None = None  # the manifest it was read from; None: the flags
     names: Mapping[str, str] = field(default_factory=dict)  # role -> file name, for listings
+    # role -> the prefix of its tensors in its file: a single file holding several parts
+    # (a ComfyUI checkpoint) gives each role the same path and its own prefix
+    prefixes: Mapping[str, str] = field(default_factory=dict)
 
     def required_roles(self) -> tuple[str, ...]:
         return required_roles(self.family)
@@ -213,4 +216,51 @@ def read_manifest(folder: Path) -> ComponentFiles:
     tokenizers = resolve(data[TOKENIZERS_KEY]) if TOKENIZERS_KEY in data else None
     return components_from_files(
         files, family=data.get("family"), tokenizers=tokenizers, source=manifest, what=what
+    )
+
+
+# Where a single-file checkpoint keeps each part, as ComfyUI saves them (and Stability's
+# SD 3.5 files with their text encoders): the first prefix found wins.
+_SINGLE_FILE_PREFIXES: Mapping[str, tuple[str, ...]] = {
+    "diffusion_model": (COMFY_PREFIX,),
+    "vae": ("first_stage_model.", "vae."),
+    "clip_l": ("text_encoders.clip_l.transformer.",),
+    "clip_g": ("text_encoders.clip_g.transformer.",),
+    "t5xxl": ("text_encoders.t5xxl.transformer.",),
+    "llm": (
+        "text_encoders.qwen3_4b.transformer.",
+        "text_encoders.qwen3_8b.transformer.",
+        "text_encoders.qwen25_7b.transformer.",
+    ),
+}
+
+
+def single_file_components(
+    path: Path, family: str, keys: Iterable[str], *, tokenizers: Path | None = None
+) -> ComponentFiles:
+    """A flow family's single-file checkpoint as components of one file, each role under
+    its prefix; a ModelLoadError naming the file and the parts it lacks (a file of the
+    diffusion model alone needs the others given as split components)."""
+    names = frozenset(keys)
+    roles = required_roles(family)
+    prefixes: dict[str, str] = {}
+    for role in roles:
+        found = [p for p in _SINGLE_FILE_PREFIXES[role] if any(n.startswith(p) for n in names)]
+        if found:
+            prefixes[role] = found[0]
+    if "diffusion_model" not in prefixes:  # no ComfyUI prefix: the file is the model alone
+        prefixes = {"diffusion_model": ""}
+    missing = [role for role in roles if role not in prefixes]
+    if missing:
+        raise ModelLoadError(
+            f"model file {path} holds a {FAMILIES[family].title} diffusion model without "
+            f"its {', '.join(missing)}: give them as split components (a folder with a "
+            f"{MANIFEST_NAME}, or --diffusion-model with --vae and the text encoders)"
+        )
+    return ComponentFiles(
+        family=family,
+        files=dict.fromkeys(roles, path),
+        tokenizers=tokenizers,
+        names=dict.fromkeys(roles, path.name),
+        prefixes=prefixes,
     )

@@ -31,6 +31,10 @@ def backend_for_model_path(path: Path | None, settings: Settings) -> Backend:
     else to the Stable Diffusion backend, which checks the path and fails naming it.
     """
     family = family_for_pipeline(folder_pipeline_name(path) or "") if path else None
+    if path is not None and family is None:
+        single = flow_single_file(path, settings)
+        if single is not None:
+            return backend_for_components(single, settings)
     if path is not None and family is not None:
         from diffusiond.backends.flow_backend import FlowBackend
 
@@ -56,6 +60,29 @@ def backend_for_model_path(path: Path | None, settings: Settings) -> Backend:
         compile_model=settings.compile,
         loras_dir=lora_folder(settings.models_dir, settings.loras_dir),
     )
+
+
+def flow_single_file(path: Path, settings: Settings) -> ComponentFiles | None:
+    """A .safetensors/.gguf file of a flow family as components of that one file (its
+    parts under their ComfyUI prefixes); None for any other path. A file of the diffusion
+    model alone is a ModelLoadError saying to give the other parts as components."""
+    from diffusiond.backends.components import (
+        COMPONENT_SUFFIXES,
+        detect_family,
+        single_file_components,
+        tensor_names,
+    )
+
+    if not path.is_file() or path.suffix.lower() not in COMPONENT_SUFFIXES:
+        return None
+    try:
+        keys = tensor_names(path)
+    except (OSError, ValueError):
+        return None  # the SD loader says what is wrong with it, naming the file
+    family = detect_family(keys)
+    if family is None:
+        return None
+    return single_file_components(path, family, keys, tokenizers=settings.tokenizers)
 
 
 def backend_for_components(components: ComponentFiles, settings: Settings) -> Backend:

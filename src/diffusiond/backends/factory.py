@@ -23,14 +23,14 @@ def flag_components(settings: Settings) -> ComponentFiles | None:
     """The split components the flags name; None when no component flag is given."""
     files = {role: getattr(settings, role) for role in ROLES}
     given = [role for role, path in files.items() if path is not None]
-    if not given and settings.tokenizers is None:
+    if not given:  # --tokenizers alone serves single-file checkpoints (backends/dispatch.py)
         return None
     if settings.model is not None:
         raise SettingsError(
             "--model and --diffusion-model (split components) both name the default model: "
             "give one of them"
         )
-    flags = ", ".join("--" + role.replace("_", "-") for role in given) or "--tokenizers"
+    flags = ", ".join("--" + role.replace("_", "-") for role in given)
     try:
         return components_from_files(files, tokenizers=settings.tokenizers, what=flags)
     except ModelLoadError as exc:
