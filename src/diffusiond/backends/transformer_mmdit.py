@@ -53,8 +53,12 @@ class _Tensors:
     def shape(self, name: str) -> tuple[int, ...]:
         tensor = self.tensors.get(name)
         if tensor is None:
-            raise self.error(f"tensor {name} is missing")
+            raise self.error(f"tensor {self.named(name)} is missing")
         return tuple(tensor.shape)
+
+    def named(self, name: str) -> str:
+        """A converted tensor's name for a message (Qwen-Image's are the file's own)."""
+        return name if self.family == "qwenimage" else f"{name} (diffusers' name)"
 
     def has(self, name: str) -> bool:
         return name in self.tensors
@@ -66,9 +70,11 @@ class _Tensors:
         return sorted(found)
 
     def count(self, prefix: str) -> int:
+        """How many blocks `prefix`N there are; a gap in the numbers is a missing block."""
         found = self.indexes(prefix)
-        if found != list(range(len(found))):
-            raise self.error(f"the {prefix}N blocks are not numbered 0..{len(found) - 1}")
+        gap = next((index for index, number in enumerate(found) if index != number), None)
+        if gap is not None:
+            raise self.error(f"the tensors of block {prefix}{gap} are missing")
         return len(found)
 
     def heads(self, width: int, head_dim: int, what: str) -> int:
@@ -290,15 +296,15 @@ def _build(family: str, config: dict[str, Any], t: _Tensors, dtype: torch.dtype)
 def _check_tensors(expected: dict[str, torch.Tensor], t: _Tensors) -> None:
     missing = [name for name in expected if name not in t.tensors]
     if missing:
-        raise t.error(f"tensor {missing[0]} (diffusers' name) is missing")
+        raise t.error(f"tensor {t.named(missing[0])} is missing")
     unexpected = [name for name in t.tensors if name not in expected]
     if unexpected:
-        raise t.error(f"tensor {unexpected[0]} (diffusers' name) is no part of the model")
+        raise t.error(f"tensor {t.named(unexpected[0])} is no part of the model")
     for name, want in expected.items():
         got = t.tensors[name]
         if got.shape != want.shape:
             raise t.error(
-                f"tensor {name} (diffusers' name) has shape {tuple(got.shape)}, "
+                f"tensor {t.named(name)} has shape {tuple(got.shape)}, "
                 f"not {tuple(want.shape)} as the others' shapes imply"
             )
 
