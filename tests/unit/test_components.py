@@ -246,3 +246,15 @@ def test_the_catalog_names_a_flow_single_file_by_its_family(tmp_path: Path) -> N
         "safetensors",
         "chroma",
     )
+
+
+def test_an_fp8_file_is_read_up_to_the_compute_dtype(tmp_path: Path) -> None:
+    from diffusiond.backends.component_pipeline import read_component
+
+    values = torch.tensor([0.5, -1.5, 3.0, 448.0])
+    path = tmp_path / "qwen_image_fp8_e4m3fn.safetensors"
+    save_file({"a": values.to(torch.float8_e4m3fn), "b": values.to(torch.float8_e5m2)}, str(path))
+    read = read_component(path, torch.bfloat16)
+    assert read["a"].dtype == torch.bfloat16
+    assert torch.equal(read["a"], values.to(torch.bfloat16))  # each value exact in e4m3
+    assert torch.equal(read["b"], values.to(torch.float8_e5m2).to(torch.bfloat16))
