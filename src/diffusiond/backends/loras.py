@@ -32,12 +32,14 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
+from diffusiond.backends.flow_lora_files import lora_fits
 from diffusiond.backends.lora_files import LoraCatalog, LoraFile
 from diffusiond.jobs.models import LoraWeight
 
 log = logging.getLogger(__name__)
 
-ADAPTER_MODULES = ("unet", "text_encoder", "text_encoder_2")
+# A flow pipeline's LoRA goes into its `transformer` (and, for some, its text encoders).
+ADAPTER_MODULES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 DEFAULT_CACHE_BYTES = 1024 * 1024 * 1024
 DEFAULT_MAX_RESIDENT = 8  # MAX_LORAS: one request's LoRAs always fit
 
@@ -142,9 +144,7 @@ class PipelineLoras:
         if entry is None:
             raise LoraLoadError(f"there is no LoRA named {name!r} in the LoRA folder")
         architecture = self._architecture()
-        if "unknown" not in (architecture, entry.architecture) and (
-            entry.architecture != architecture
-        ):
+        if not lora_fits(entry.architecture, architecture):
             raise LoraLoadError(
                 f"LoRA {name!r} is for {entry.architecture}, and the model is {architecture}"
             )

@@ -1,0 +1,147 @@
+"""Which flow-matching family a LoRA file is for, from its tensor names and shapes alone.
+
+Pure (no torch): lora_files.py lists and checks LoRAs on API nodes with it. The formats are
+diffusers/peft (`transformer.<module>.lora_A.weight`) and kohya/ComfyUI
+(`lora_unet_<module with underscores>.lora_down.weight`); module names are matched with `.`
+or `_` between their words, so one set of markers reads both. Each family has layers no
+other family here has, and a LoRA trained on it nearly always touches some of them:
+
+- Z-Image: `layers.N.attention`, `noise_refiner`, `context_refiner`, `feed_forward`;
+- Qwen-Image: `img_mlp`, `txt_mlp`, `img_mod`, `txt_mod`;
+- FLUX.2: `to_qkv_mlp_proj`, `ff.linear_in`, the shared `*_stream_modulation`; in kohya
+  names its single blocks' `linear1` is 9x as wide out as in (FLUX.1's: 7x);
+- Chroma: `distilled_guidance_layer` (Chroma's own modulation network);
+- FLUX.1: single-stream blocks (`single_transformer_blocks`, kohya `single_blocks`), or
+  kohya's `double_blocks`;
+- joint blocks (`transformer_blocks`) alone: SD 3.x where they are not 3072 or 6144 wide;
+  Qwen-Image where 3072 wide and deeper than FLUX.1's 19; otherwise "unknown" (a FLUX.1
+  LoRA of its double blocks only, or a Qwen-Image one of its first blocks, look the same),
+  which the API does not check and the backend tries to load.
+
+A Chroma model is a pruned FLUX.1 schnell: the same attention and MLP layers, so a FLUX.1
+LoRA's are Chroma's too (lora_fits); one that reads as FLUX.1 applies to both.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+FLOW_PREFIXES = ("transformer.",)  # diffusers/peft keys of a flow model's transformer
+FLUX1_WIDTH = 3072  # FLUX.1's, Chroma's, Qwen-Image's and FLUX.2 klein's hidden width
+FLUX1_JOINT_BLOCKS = 19
+WIDE_JOINT_WIDTHS = (FLUX1_WIDTH, 6144)  # not SD 3.x's (1536, 2432); 6144: FLUX.2 dev
+
+_SEP = r"[._]"
+
+
+def _words(*names: str) -> str:
+    """A regex alternation of module names whose words may be joined by `.` or `_`."""
+    return "|".join(name.replace(" ", _SEP) for name in names)
+
+
+_MARKERS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    (
+        "zimage",
+        re.compile(
+            rf"(^|{_SEP})({_words('noise refiner', 'context refiner', 'feed forward')}"
+            rf"|layers{_SEP}\d+{_SEP}attention){_SEP}"
+        ),
+    ),
+    (
+        "qwenimage",
+        re.compile(rf"(^|{_SEP})({_words('img mlp', 'txt mlp', 'img mod', 'txt mod')}){_SEP}"),
+    ),
+    (
+        "flux2",
+        re.compile(
+            _words("to qkv mlp proj", "ff linear in", "ff context linear in", "stream modulation")
+        ),
+    ),
+    ("chroma", re.compile(_words("distilled guidance layer"))),
+)
+_SINGLE_BLOCKS = re.compile(_words("single transformer blocks", "single blocks"))
+_KOHYA_DOUBLE = re.compile(r"^lora_unet_double_blocks_")
+_KOHYA_LINEAR1 = re.compile(r"^lora_unet_single_blocks_\d+_linear1\.lora_down\.weight$")
+_JOINT_BLOCKS = re.compile(rf"(^|{_SEP})transformer{_SEP}blocks{_SEP}(?P<index>\d+){_SEP}")
+_SD_UNET = re.compile(
+    r"^lora_unet_(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)_"
+)
+_PAIR = re.compile(r"(lora_down|lora_A|lora_up|lora_B)\.weight$")
+_DOWN = re.compile(r"(lora_down|lora_A)\.weight$")
+
+# A model of the key's architecture takes LoRAs of these architectures too.
+_ALSO_FITS = {"chroma": ("flux1",)}
+
+
+def flow_keys(shapes: Shapes) -> Shapes:
+    """The LoRA pairs' tensors that name a flow transformer's modules: diffusers'
+    `transformer.` ones and kohya's `lora_unet_` ones outside an SD UNet's blocks."""
+    return {
+        key: shape
+        for key, shape in shapes.items()
+        if _PAIR.search(key)
+        and (
+            key.startswith(FLOW_PREFIXES)
+            or (key.startswith("lora_unet_") and not _SD_UNET.search(key))
+        )
+    }
+
+
+def _linear1_ratio(flow: Shapes) -> float | None:
+    """out/in of a kohya single block's `linear1` (its up's rows over its down's columns)."""
+    for key, down in flow.items():
+        if _KOHYA_LINEAR1.search(key):
+            up = flow.get(key.replace("lora_down", "lora_up"), ())
+            if len(up) >= 2 and len(down) >= 2 and down[1]:
+                return up[0] / down[1]
+    return None
+
+
+def _joint_only(flow: Shapes) -> str:
+    """The family of a LoRA of joint (double-stream) blocks alone, from their width and
+    count: FLUX.1 has 19 such blocks, Qwen-Image 60, both 3072 wide (so are FLUX.2 klein's
+    first blocks: FLUX.2 dev is 6144); SD 3.x's are 1536 or 2432 wide, 24 or 38 of them."""
+    width = None
+    deepest = 0
+    for key, shape in flow.items():
+        block = _JOINT_BLOCKS.search(key)
+        if block is None:
+            continue
+        deepest = max(deepest, int(block.group("index")))
+        if width is None and _DOWN.search(key) and len(shape) >= 2:
+            width = shape[1]
+    if width not in WIDE_JOINT_WIDTHS:
+        return "sd3"
+    if width == FLUX1_WIDTH and deepest >= FLUX1_JOINT_BLOCKS:
+        return "qwenimage"
+    return "unknown"
+
+
+def flow_lora_architecture(shapes: Shapes) -> str | None:
+    """The flow family (families.py name) a LoRA is for; None: not a flow model's LoRA."""
+    flow = flow_keys(shapes)
+    if not flow:
+        return None
+    for family, marker in _MARKERS:
+        if any(marker.search(key) for key in flow):
+            return family
+    ratio = _linear1_ratio(flow)
+    if ratio is not None:
+        return "flux2" if ratio > 8 else "flux1"
+    if any(_SINGLE_BLOCKS.search(key) or _KOHYA_DOUBLE.search(key) for key in flow):
+        return "flux1"
+    if not any(_JOINT_BLOCKS.search(key) for key in flow):
+        return None
+    return _joint_only(flow)
+
+
+def lora_fits(lora_architecture: str, model_architecture: str) -> bool:
+    """Whether a LoRA made for `lora_architecture` applies to a `model_architecture` model
+    ("unknown" on either side: it is not known not to)."""
+    if "unknown" in (lora_architecture, model_architecture):
+        return True
+    fits = (model_architecture, *_ALSO_FITS.get(model_architecture, ()))
+    return lora_architecture in fits
