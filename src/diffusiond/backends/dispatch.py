@@ -29,6 +29,8 @@ def backend_for_model_path(path: Path | None, settings: Settings) -> Backend:
     A folder whose pipeline is a flow-matching family's goes to the flow backend; anything
     else to the Stable Diffusion backend, which checks the path and fails naming it.
     """
+    from diffusiond.backends.lora_files import lora_folder
+
     family = family_for_pipeline(folder_pipeline_name(path) or "") if path else None
     if path is not None and family is not None:
         from diffusiond.backends.flow_backend import FlowBackend
@@ -39,9 +41,9 @@ def backend_for_model_path(path: Path | None, settings: Settings) -> Backend:
             device=settings.device,
             torch_threads=settings.torch_threads,
             dtype=settings.dtype,
+            loras_dir=lora_folder(settings.models_dir, settings.loras_dir),
         )
     from diffusiond.backends.diffusers_backend import DiffusersBackend, check_model_path
-    from diffusiond.backends.lora_files import lora_folder
 
     if path is not None:
         check_model_path(path)
