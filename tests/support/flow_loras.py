@@ -12,6 +12,7 @@ LoRAs of those families do.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,7 +70,9 @@ def linear_shapes(family_folder: Path) -> dict[str, tuple[int, int]]:
     import diffusers
 
     config = json.loads((family_folder / "transformer" / "config.json").read_text())
-    with torch.device("meta"):
+    # diffusers warns of its own deprecated classes while it builds one (see families.py).
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         model = getattr(diffusers, config["_class_name"]).from_config(config)
     return {
         name: (module.in_features, module.out_features)
@@ -106,5 +109,16 @@ def kohya_flux_lora(path: Path, seed: int = 2) -> Path:
         tensors[f"{key}.lora_down.weight"] = down
         tensors[f"{key}.lora_up.weight"] = up
         tensors[f"{key}.alpha"] = torch.tensor(RANK / 2)
+    save_file(tensors, str(path))
+    return path
+
+
+def kohya_sd3_lora(path: Path, seed: int = 3) -> Path:
+    """The tiny SD 3's first joint block's query in kohya's names (which diffusers' SD 3
+    loader does not convert: it loads them into no layer)."""
+    generator = torch.Generator().manual_seed(seed)
+    down, up = _pair(generator, 64, 64)
+    key = "lora_unet_transformer_blocks_0_attn_to_q"
+    tensors = {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}
     save_file(tensors, str(path))
     return path

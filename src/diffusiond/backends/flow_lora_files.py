@@ -2,17 +2,20 @@
 
 Pure (no torch): lora_files.py lists and checks LoRAs on API nodes with it. The formats are
 diffusers/peft (`transformer.<module>.lora_A.weight`) and kohya/ComfyUI
-(`lora_unet_<module with underscores>.lora_down.weight`); module names are matched with `.`
-or `_` between their words, so one set of markers reads both. Each family has layers no
-other family here has, and a LoRA trained on it nearly always touches some of them:
+(`lora_unet_<module with underscores>.lora_down.weight`), the latter either in diffusers'
+module names or in Black Forest Labs' (`double_blocks`, `single_blocks`: FLUX.1, FLUX.2,
+Chroma). Module names are matched with `.` or `_` between their words. Each family has
+layers no other family here has, and a LoRA trained on it nearly always touches some:
 
+- Black Forest Labs' names: Chroma with its `distilled_guidance_layer`; FLUX.2 with its
+  shared `*_stream_modulation`, or MLPs wider than FLUX.1's (a single block's `linear1`
+  9x as wide out as in, FLUX.1's 7x; a double block's `img_mlp_0` 6x, FLUX.1's 4x); else
+  FLUX.1. (These names have `img_mlp`/`txt_mod` too, so they are read first.)
 - Z-Image: `layers.N.attention`, `noise_refiner`, `context_refiner`, `feed_forward`;
 - Qwen-Image: `img_mlp`, `txt_mlp`, `img_mod`, `txt_mod`;
-- FLUX.2: `to_qkv_mlp_proj`, `ff.linear_in`, the shared `*_stream_modulation`; in kohya
-  names its single blocks' `linear1` is 9x as wide out as in (FLUX.1's: 7x);
+- FLUX.2: `to_qkv_mlp_proj`, `ff.linear_in`, `*_stream_modulation`;
 - Chroma: `distilled_guidance_layer` (Chroma's own modulation network);
-- FLUX.1: single-stream blocks (`single_transformer_blocks`, kohya `single_blocks`), or
-  kohya's `double_blocks`;
+- FLUX.1: single-stream blocks (`single_transformer_blocks`);
 - joint blocks (`transformer_blocks`) alone: SD 3.x where they are not 3072 or 6144 wide;
   Qwen-Image where 3072 wide and deeper than FLUX.1's 19; otherwise "unknown" (a FLUX.1
   LoRA of its double blocks only, or a Qwen-Image one of its first blocks, look the same),
@@ -42,6 +45,8 @@ def _words(*names: str) -> str:
     return "|".join(name.replace(" ", _SEP) for name in names)
 
 
+_CHROMA = re.compile(_words("distilled guidance layer"))
+_STREAM_MODULATION = re.compile(_words("stream modulation"))
 _MARKERS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "zimage",
@@ -56,15 +61,15 @@ _MARKERS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ),
     (
         "flux2",
-        re.compile(
-            _words("to qkv mlp proj", "ff linear in", "ff context linear in", "stream modulation")
-        ),
+        re.compile(_words("to qkv mlp proj", "ff linear in", "ff context linear in")),
     ),
-    ("chroma", re.compile(_words("distilled guidance layer"))),
+    ("flux2", _STREAM_MODULATION),
+    ("chroma", _CHROMA),
 )
-_SINGLE_BLOCKS = re.compile(_words("single transformer blocks", "single blocks"))
-_KOHYA_DOUBLE = re.compile(r"^lora_unet_double_blocks_")
+_SINGLE_BLOCKS = re.compile(_words("single transformer blocks"))
+_BFL_BLOCKS = re.compile(r"^lora_unet_(double|single)_blocks_\d+_")
 _KOHYA_LINEAR1 = re.compile(r"^lora_unet_single_blocks_\d+_linear1\.lora_down\.weight$")
+_KOHYA_IMG_MLP = re.compile(r"^lora_unet_double_blocks_\d+_img_mlp_0\.lora_down\.weight$")
 _JOINT_BLOCKS = re.compile(rf"(^|{_SEP})transformer{_SEP}blocks{_SEP}(?P<index>\d+){_SEP}")
 _SD_UNET = re.compile(
     r"^lora_unet_(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)_"
@@ -74,6 +79,9 @@ _DOWN = re.compile(r"(lora_down|lora_A)\.weight$")
 
 # A model of the key's architecture takes LoRAs of these architectures too.
 _ALSO_FITS = {"chroma": ("flux1",)}
+# Families whose diffusers loader (0.42.1) does not convert kohya names: SD 3's loads such
+# a file into no layer at all (measured). Every other flow family's converts them.
+NO_KOHYA_LOADER = frozenset({"sd3"})
 
 
 def flow_keys(shapes: Shapes) -> Shapes:
@@ -90,14 +98,27 @@ def flow_keys(shapes: Shapes) -> Shapes:
     }
 
 
-def _linear1_ratio(flow: Shapes) -> float | None:
-    """out/in of a kohya single block's `linear1` (its up's rows over its down's columns)."""
+def _widening(flow: Shapes, layer: re.Pattern[str]) -> float | None:
+    """out/in of the first `layer` pair: its up's rows over its down's columns."""
     for key, down in flow.items():
-        if _KOHYA_LINEAR1.search(key):
+        if layer.search(key):
             up = flow.get(key.replace("lora_down", "lora_up"), ())
             if len(up) >= 2 and len(down) >= 2 and down[1]:
                 return up[0] / down[1]
     return None
+
+
+def _bfl_family(flow: Shapes) -> str:
+    """FLUX.1, FLUX.2 or Chroma, for a LoRA in Black Forest Labs' block names."""
+    if any(_CHROMA.search(key) for key in flow):
+        return "chroma"
+    if any(_STREAM_MODULATION.search(key) for key in flow):
+        return "flux2"
+    linear1 = _widening(flow, _KOHYA_LINEAR1)
+    mlp = _widening(flow, _KOHYA_IMG_MLP)
+    if (linear1 is not None and linear1 > 8) or (mlp is not None and mlp > 5):
+        return "flux2"
+    return "flux1"
 
 
 def _joint_only(flow: Shapes) -> str:
@@ -125,13 +146,12 @@ def flow_lora_architecture(shapes: Shapes) -> str | None:
     flow = flow_keys(shapes)
     if not flow:
         return None
+    if any(_BFL_BLOCKS.search(key) for key in flow):
+        return _bfl_family(flow)
     for family, marker in _MARKERS:
         if any(marker.search(key) for key in flow):
             return family
-    ratio = _linear1_ratio(flow)
-    if ratio is not None:
-        return "flux2" if ratio > 8 else "flux1"
-    if any(_SINGLE_BLOCKS.search(key) or _KOHYA_DOUBLE.search(key) for key in flow):
+    if any(_SINGLE_BLOCKS.search(key) for key in flow):
         return "flux1"
     if not any(_JOINT_BLOCKS.search(key) for key in flow):
         return None
@@ -145,3 +165,8 @@ def lora_fits(lora_architecture: str, model_architecture: str) -> bool:
         return True
     fits = (model_architecture, *_ALSO_FITS.get(model_architecture, ()))
     return lora_architecture in fits
+
+
+def format_fits(lora_format: str, model_architecture: str) -> bool:
+    """Whether the model's LoRA loader reads a file of `lora_format` ("kohya", "peft")."""
+    return not (lora_format == "kohya" and model_architecture in NO_KOHYA_LOADER)

@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusiond.backends.catalog import ModelCatalog
-from diffusiond.backends.flow_lora_files import FLOW_PREFIXES, flow_lora_architecture, lora_fits
+from diffusiond.backends.flow_lora_files import (
+    FLOW_PREFIXES,
+    flow_lora_architecture,
+    format_fits,
+    lora_fits,
+)
 from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import LoraWeight
 
@@ -240,6 +245,13 @@ class LoraChoices:
                 raise InvalidRequest(
                     f"loras: {lora.name!r} is a LoRA for {entry.architecture}, and the "
                     f"model is {architecture}",
+                    field="loras",
+                    rule=LORAS_RULE,
+                )
+            if not format_fits(entry.format, architecture):
+                raise InvalidRequest(
+                    f"loras: {lora.name!r} is in kohya's layer names, which diffusers' "
+                    f"LoRA loader for {architecture} does not read (it takes diffusers' names)",
                     field="loras",
                     rule=LORAS_RULE,
                 )

@@ -170,6 +170,8 @@ class PipelineLoras:
             with warnings.catch_warnings():  # peft warns of a second adapter: that is the plan
                 warnings.simplefilter("ignore", UserWarning)
                 self._pipeline.load_lora_weights(dict(tensors), adapter_name=adapter)
+            if not self._took(adapter):
+                raise ValueError("none of its layers is one of this model's")
         except Exception as exc:
             self._discard(adapter)
             raise LoraLoadError(
@@ -182,6 +184,13 @@ class PipelineLoras:
             self._after_load(self._pipeline)
         log.info("LoRA %s loaded as adapter %s", entry.name, adapter)
         return adapter
+
+    def _took(self, adapter: str) -> bool:
+        """Whether a layer of the pipeline's modules holds `adapter` (diffusers loads the
+        names it does not convert, SD 3's kohya ones, into nothing, and says nothing)."""
+        if next(self._adapter_modules(), None) is None:
+            return True  # a pipeline without modules to look in
+        return any(adapter in layer.scaling for layer in self._tuner_layers())
 
     def _evict(self, keep: set[str]) -> None:
         """Room for one more adapter; `keep`: those the request being resolved uses. (No
