@@ -64,10 +64,10 @@ class UnsupportedRequest(ValueError):
 
 
 def make_flow_scheduler(
-    sampler: str, base_config: Any, generator: torch.Generator, scheduler: str = "discrete"
+    sampler: str, base_config: Any, generator: torch.Generator, schedule: str = "discrete"
 ) -> Any:
-    """A fresh scheduler for `sampler` on the `scheduler` schedule, built from the model's
-    flow-matching scheduler config.
+    """A fresh scheduler for `sampler` on the API's `schedule` (a `scheduler` name), built
+    from the model's flow-matching scheduler config.
 
     The stochastic ones (euler_a, lcm) draw fresh noise every step, from the generator
     their `step` is given; the pipelines give none (torch's global one would be used, and
@@ -75,19 +75,19 @@ def make_flow_scheduler(
     """
     choice = FLOW_SAMPLERS[sampler]
     config = dict(base_config)
-    overrides = {**choice.overrides, **flow_schedule_overrides(scheduler)}
+    overrides = {**choice.overrides, **flow_schedule_overrides(schedule)}
     if choice.uses_flow_shift:
         overrides["flow_shift"] = float(config.get("shift", 1.0))
-    made = getattr(diffusers, choice.scheduler_class).from_config(config, **overrides)
-    if "generator" in inspect.signature(made.step).parameters:
-        step = made.step
+    scheduler = getattr(diffusers, choice.scheduler_class).from_config(config, **overrides)
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        step = scheduler.step
 
         def seeded_step(*args: Any, **kwargs: Any) -> Any:
             kwargs.setdefault("generator", generator)
             return step(*args, **kwargs)
 
-        made.step = seeded_step
-    return made
+        scheduler.step = seeded_step
+    return scheduler
 
 
 def unpack_latents(latents: torch.Tensor, width: int, height: int) -> torch.Tensor:

@@ -225,8 +225,9 @@ class LoraChoices:
         ]
 
     def check(self, model: str | None, loras: Sequence[LoraWeight]) -> None:
-        """Raise InvalidRequest naming `loras` for an unknown LoRA or one of another
-        architecture than the model's."""
+        """Raise InvalidRequest naming `loras` for an unknown LoRA, one of another
+        architecture than the model's (flow_lora_files.lora_fits), or one in layer names
+        the model's diffusers loader does not read (format_fits)."""
         if not loras:
             return
         architecture: str | None = None

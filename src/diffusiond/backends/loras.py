@@ -6,7 +6,8 @@ same bits, so a request without LoRAs after one with them would draw a different
 An adapter leaves the model's weights untouched: its layers compute `base(x) + scale x
 B(A(x))`, and with no adapter active a wrapped layer returns `base(x)` exactly. So:
 
-- a LoRA is loaded once into the UNet and text encoder(s) as an adapter named `loraN`
+- a LoRA is loaded once into the UNet (a flow model's transformer) and text encoder(s),
+  by the pipeline's own `load_lora_weights`, as an adapter named `loraN`
   (peft names cannot hold a LoRA file's dots), and stays loaded (at most `max_resident`;
   the least recently used beyond that is deleted);
 - each request activates exactly its adapters at its weights, layer by layer, or switches
