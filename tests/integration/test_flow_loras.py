@@ -61,11 +61,19 @@ def flow_server(
     assert server.stop() == 0, server.text()
 
 
+# Each family's SMALL picture from the server before any LoRA was loaded into any model.
+NEVER_GIVEN_A_LORA: dict[str, bytes] = {}
+
+
 @pytest.fixture(scope="module")
 def http(flow_server: ServerProcess) -> Iterator[httpx.Client]:
+    """The shared server's client; before any test runs, each model draws once plain."""
     with flow_server.client() as client:
+        for family in sorted(FAMILIES):
+            NEVER_GIVEN_A_LORA[family] = png(client, family)
         yield client
         wait_idle(client)
+    NEVER_GIVEN_A_LORA.clear()
 
 
 def png(http: httpx.Client, family: str, **fields: Any) -> bytes:
@@ -105,7 +113,7 @@ def test_the_loras_are_listed_with_their_family(http: httpx.Client) -> None:
 def test_a_lora_changes_the_picture_and_leaves_nothing_behind(
     http: httpx.Client, family: str
 ) -> None:
-    never = png(http, family)  # before this model was ever given a LoRA
+    never = NEVER_GIVEN_A_LORA[family]
     lora = with_loras((own_lora(family), 1.0))
     applied = png(http, family, **lora)
     assert pixels(applied) != pixels(never)
@@ -121,7 +129,7 @@ def test_a_lora_changes_the_picture_and_leaves_nothing_behind(
 
 @pytest.mark.parametrize("family", ["flux1", "chroma"])
 def test_a_kohya_flux_lora_applies_to_flux1_and_chroma(http: httpx.Client, family: str) -> None:
-    plain = png(http, family)
+    plain = NEVER_GIVEN_A_LORA[family]
     applied = png(http, family, **with_loras((KOHYA, 0.8)))
     assert pixels(applied) != pixels(plain)
     assert png(http, family, **with_loras((KOHYA, 0.8))) == applied
@@ -148,7 +156,7 @@ def test_a_lora_of_another_family_is_a_400_naming_loras(
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_schedule_changes_the_picture_and_reproduces(http: httpx.Client, family: str) -> None:
-    own = pixels(png(http, family))
+    own = pixels(NEVER_GIVEN_A_LORA[family])
     karras = png(http, family, scheduler="karras")
     exponential = png(http, family, scheduler="exponential", sampler="euler_a")
     assert len({own, pixels(karras), pixels(png(http, family, scheduler="exponential"))}) == 3
