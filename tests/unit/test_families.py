@@ -26,7 +26,7 @@ from diffusiond.backends.flow_backend import (
     unpack_latents,
 )
 from diffusiond.errors import ModelLoadError
-from diffusiond.jobs.models import SAMPLERS, EditInputs, InputImage, LoraWeight
+from diffusiond.jobs.models import SAMPLERS, EditInputs, InputImage
 from diffusiond.settings import load_settings
 
 SPEC = ImageSpec(
@@ -62,9 +62,9 @@ def test_cfg_scale_means_each_familys_guidance() -> None:
         ("zimage", {"sampler": "unipc"}, ["'unipc'", "euler, euler_a, lcm"]),
         ("flux1", {"negative_prompt": "x"}, ["negativePrompt"]),
         ("sd3", {"width": 72}, ["multiples of 16", "72x64"]),
-        ("sd3", {"scheduler": "karras"}, ["'karras'", "'discrete'"]),
+        ("sd3", {"sampler": "heun", "scheduler": "karras"}, ["'karras'", "'heun'", "euler"]),
+        ("flux1", {"sampler": "unipc", "scheduler": "exponential"}, ["discrete, sgm_uniform"]),
         ("chroma", {"clip_skip": 2}, ["clipSkip"]),
-        ("flux2", {"loras": (LoraWeight("style", 1.0),)}, ["loras", "FLUX.2 klein"]),
     ],
 )
 def test_what_a_family_cannot_draw_is_refused_naming_it(
@@ -159,7 +159,7 @@ class _Directory:
         ({"model": "flux", "sampler": "ddim"}, "sampler"),
         ({"model": "flux", "negative_prompt": "blur"}, "negativePrompt"),
         ({"model": "flux", "width": 72}, "width"),
-        ({"model": "flux", "scheduler": "karras"}, "scheduler"),
+        ({"model": "flux", "sampler": "unipc", "scheduler": "karras"}, "scheduler"),
         ({"model": "nope"}, "model"),
     ],
 )
@@ -183,5 +183,6 @@ def test_the_api_passes_what_the_model_can_draw() -> None:
     for request in (
         GenerationRequest(prompt="p", sampler="ddim", negative_prompt="blur"),  # the SD default
         GenerationRequest(prompt="p", model="flux", sampler="euler", width=64, height=64),
+        GenerationRequest(prompt="p", model="flux", sampler="euler", scheduler="karras"),
     ):
         check_for_model(_Directory(), request)  # type: ignore[arg-type]

@@ -30,6 +30,8 @@ def backend_for_model_path(path: Path | None, settings: Settings) -> Backend:
     A folder whose pipeline is a flow-matching family's goes to the flow backend; anything
     else to the Stable Diffusion backend, which checks the path and fails naming it.
     """
+    from diffusiond.backends.lora_files import lora_folder
+
     family = family_for_pipeline(folder_pipeline_name(path) or "") if path else None
     if path is not None and family is None:
         single = flow_single_file(path, settings)
@@ -44,9 +46,9 @@ def backend_for_model_path(path: Path | None, settings: Settings) -> Backend:
             device=settings.device,
             torch_threads=settings.torch_threads,
             dtype=settings.dtype,
+            loras_dir=lora_folder(settings.models_dir, settings.loras_dir),
         )
     from diffusiond.backends.diffusers_backend import DiffusersBackend, check_model_path
-    from diffusiond.backends.lora_files import lora_folder
 
     if path is not None:
         check_model_path(path)
@@ -89,6 +91,7 @@ def backend_for_components(components: ComponentFiles, settings: Settings) -> Ba
     """The flow backend for a model of split component files (backends/components.py)."""
     from diffusiond.backends.families import FAMILIES
     from diffusiond.backends.flow_backend import FlowBackend
+    from diffusiond.backends.lora_files import lora_folder
 
     return FlowBackend(
         model_path=components.files["diffusion_model"],
@@ -97,4 +100,5 @@ def backend_for_components(components: ComponentFiles, settings: Settings) -> Ba
         torch_threads=settings.torch_threads,
         dtype=settings.dtype,
         components=components,
+        loras_dir=lora_folder(settings.models_dir, settings.loras_dir),
     )

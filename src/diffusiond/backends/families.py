@@ -10,6 +10,17 @@ Which samplers run was measured with each family's pipeline in diffusers 0.42.1:
 the text-to-image pipeline refuses (it passes custom sigmas the scheduler cannot take) is
 left out, and image-to-image/inpainting need a scheduler with `scale_noise`, which only the
 flow-matching ones have.
+
+The `scheduler` names mean, for a flow model (FLOW_SCHEDULES):
+- discrete, simple, sgm_uniform: the model's own schedule, sigma from 1 down in equal steps
+  of flow time, shifted as the model's scheduler config says (by the image size where it
+  shifts dynamically). It is already uniform in time from the last timestep, which is what
+  simple and sgm_uniform mean for SD models, so the three draw the same picture.
+- karras, exponential: the same first and last sigma (shifted), the steps between spaced as
+  Karras et al. 2022 (rho 7) or evenly in log sigma: diffusers' `use_karras_sigmas` /
+  `use_exponential_sigmas` of the flow-matching Euler and LCM schedulers. The DPM-Solver
+  and UniPC schedulers compute these from a DDPM beta table, not the flow sigmas (a first
+  sigma above 1: NaN pictures, measured), and Heun ignores both flags: those are refused.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from diffusiond.jobs.models import EditInputs, LoraWeight
+from diffusiond.sampling import schedule_problem
 
 
 class Guidance(str, Enum):
@@ -63,6 +75,19 @@ FLOW_SAMPLERS: Mapping[str, FlowSampler] = {
 
 _EDIT_SAMPLERS = ("euler", "euler_a", "lcm")
 
+# Measured to run on every family. The API's sampler/scheduler rule for every model
+# (sampling.schedule_problem) refuses lcm with any schedule but discrete before this table
+# is read, so flow_schedule_samplers leaves out what that rule refuses.
+_SIGMA_SCHEDULE_SAMPLERS = ("euler", "euler_a", "lcm")
+# scheduler -> (the flow samplers that run it, None: all; the scheduler config options)
+FLOW_SCHEDULES: Mapping[str, tuple[tuple[str, ...] | None, Mapping[str, Any]]] = {
+    "discrete": (None, {}),
+    "karras": (_SIGMA_SCHEDULE_SAMPLERS, {"use_karras_sigmas": True}),
+    "exponential": (_SIGMA_SCHEDULE_SAMPLERS, {"use_exponential_sigmas": True}),
+    "sgm_uniform": (None, {}),
+    "simple": (None, {}),
+}
+
 
 @dataclass(frozen=True)
 class Family:
@@ -78,6 +103,9 @@ class Family:
     inpaint: str | None = None
     # Width and height must be multiples of this: the VAE's 8x times the 2x2 patches.
     size_multiple: int = 16
+    # The pipeline has a peft LoRA loader (`load_lora_weights`) in diffusers: every family
+    # here does in 0.42.1 (measured: each loads a diffusers-format LoRA of its own).
+    loras: bool = True
 
 
 FAMILIES: Mapping[str, Family] = {
@@ -167,6 +195,21 @@ def samplers_for_family(family: str, *, edit: bool = False) -> tuple[str, ...]:
     return entry.edit_samplers if edit else entry.samplers
 
 
+def flow_schedule_overrides(scheduler: str) -> dict[str, Any]:
+    """The scheduler config options that give a flow sampler the `scheduler` schedule."""
+    return dict(FLOW_SCHEDULES[scheduler][1])
+
+
+def flow_schedule_samplers(family: Family, scheduler: str, *, edit: bool) -> tuple[str, ...]:
+    """The samplers of `family` that can run `scheduler` (for image edits if `edit`)."""
+    able = FLOW_SCHEDULES[scheduler][0]
+    return tuple(
+        name
+        for name in samplers_for_family(family.name, edit=edit)
+        if (able is None or name in able) and schedule_problem(name, scheduler) is None
+    )
+
+
 def edit_pipeline_name(family: Family, *, inpaint: bool) -> str | None:
     """The pipeline class for an edit; None where diffusers has none for this family."""
     if inpaint:
@@ -252,17 +295,33 @@ def family_refusal(family: Family, request: DrawRequest) -> Refusal | None:
     return _not_yet_supported(family, request)
 
 
+def schedule_refusal(family: Family, sampler: str, scheduler: str, *, edit: bool) -> Refusal | None:
+    """Why `sampler` cannot run the `scheduler` schedule on `family`; None if it can."""
+    able = flow_schedule_samplers(family, scheduler, edit=edit)
+    if sampler in able:
+        return None
+    takes = [
+        name
+        for name in FLOW_SCHEDULES
+        if sampler in flow_schedule_samplers(family, name, edit=edit)
+    ]
+    message = (
+        f"scheduler {scheduler!r} cannot run with sampler {sampler!r} on {family.title}; "
+        f"{sampler} takes: {', '.join(takes)}; the samplers that take {scheduler}: "
+        f"{', '.join(able)}"
+    )
+    return Refusal("scheduler", f"one of {', '.join(takes)} with sampler {sampler}", message)
+
+
 def _not_yet_supported(family: Family, request: DrawRequest) -> Refusal | None:
-    """What the SD backend does that the flow backend does not (yet) do for a family."""
-    if request.scheduler != "discrete":
-        # A flow model's sigma schedule is its own (shifted by the image size).
-        message = (
-            f"scheduler {request.scheduler!r}: {family.title} runs only 'discrete', "
-            "its own schedule"
-        )
-        return Refusal("scheduler", "discrete for this model", message)
-    if request.loras:
-        message = f"loras: LoRAs are not supported on {family.title} yet"
+    """What the SD backend does that the flow backend does not do for a family."""
+    refusal = schedule_refusal(
+        family, request.sampler, request.scheduler, edit=request.edit is not None
+    )
+    if refusal is not None:
+        return refusal
+    if request.loras and not family.loras:
+        message = f"loras: diffusers has no LoRA loader for {family.title}"
         return Refusal("loras", "none for this model", message)
     if request.clip_skip not in (None, 1):
         return Refusal(

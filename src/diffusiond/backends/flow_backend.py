@@ -5,9 +5,11 @@ Each family differs in its text encoders, its latent packing and its decoding; i
 pipeline knows all of that, so a request runs the whole pipeline call (prompt in, picture
 out) and this backend supplies what the API decides: the sampler, `cfgScale` as the family
 means it (families.py), the seed's noise, progress and cancel through the per-step
-callback, and the edit inputs. Stages are reported as the SD backend reports them:
-loading until the prompt is encoded, one diffusion step per callback, decoding after the
-last step.
+callback, the edit inputs, the `scheduler`'s sigma spacing (families.FLOW_SCHEDULES) and
+the request's LoRAs (peft adapters on the pipeline's own modules, loaded once each and
+switched per request by loras.PipelineLoras, as the SD backend does). Stages are reported
+as the SD backend reports them: loading until the prompt is encoded, one diffusion step
+per callback, decoding after the last step.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ from diffusiond.backends.families import (
     Family,
     edit_pipeline_name,
     family_refusal,
+    flow_schedule_overrides,
     guidance_kwargs,
 )
+from diffusiond.backends.lora_files import LoraCatalog
+from diffusiond.backends.loras import PipelineLoras
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
 from diffusiond.backends.runtime import out_of_memory_named, prepare_thread, resolve_device
@@ -60,8 +65,11 @@ class UnsupportedRequest(ValueError):
     """A request this family cannot draw (a sampler, a negative prompt, a size, an edit)."""
 
 
-def make_flow_scheduler(sampler: str, base_config: Any, generator: torch.Generator) -> Any:
-    """A fresh scheduler for `sampler`, built from the model's flow-matching scheduler config.
+def make_flow_scheduler(
+    sampler: str, base_config: Any, generator: torch.Generator, schedule: str = "discrete"
+) -> Any:
+    """A fresh scheduler for `sampler` on the API's `schedule` (a `scheduler` name), built
+    from the model's flow-matching scheduler config.
 
     The stochastic ones (euler_a, lcm) draw fresh noise every step, from the generator
     their `step` is given; the pipelines give none (torch's global one would be used, and
@@ -69,7 +77,7 @@ def make_flow_scheduler(sampler: str, base_config: Any, generator: torch.Generat
     """
     choice = FLOW_SAMPLERS[sampler]
     config = dict(base_config)
-    overrides = dict(choice.overrides)
+    overrides = {**choice.overrides, **flow_schedule_overrides(schedule)}
     if choice.uses_flow_shift:
         overrides["flow_shift"] = float(config.get("shift", 1.0))
     scheduler = getattr(diffusers, choice.scheduler_class).from_config(config, **overrides)
@@ -121,6 +129,7 @@ class FlowBackend:
         torch_threads: int,
         dtype: str = "auto",
         components: ComponentFiles | None = None,
+        loras_dir: Path | None = None,
     ) -> None:
         share_one_malloc_arena()  # before the engine's workers start: see allocator.py
         self._model_path = model_path
@@ -134,11 +143,19 @@ class FlowBackend:
         self._dtype_name = "float32"
         self._load_lock = threading.Lock()
         self._thread_state = threading.local()
+        self._lora_catalog = LoraCatalog(loras_dir)
+        self._loras: PipelineLoras | None = None
 
     def load(self) -> None:
         with self._load_lock:
             if self._pipeline is None:
                 self._pipeline = self._load()
+                self._loras = self._pipeline_loras(self._pipeline)
+
+    def _pipeline_loras(self, pipeline: Any) -> PipelineLoras:
+        """The LoRAs of requests, applied to `pipeline`'s transformer (backends/loras.py);
+        the per-request pipelines of `_pipeline_for` share its modules, so theirs too."""
+        return PipelineLoras(pipeline, self._lora_catalog, architecture=lambda: self._family.name)
 
     def info(self) -> BackendInfo:
         return BackendInfo(
@@ -190,7 +207,7 @@ class FlowBackend:
         should_cancel: CancelCheck,
         on_preview: PreviewCallback | None,
     ) -> Image:
-        if self._pipeline is None:
+        if self._pipeline is None or self._loras is None:
             raise RuntimeError("the model is not loaded")
         check_request(self._family, spec)
         prepare_thread(self._thread_state, self._torch_threads)
@@ -198,11 +215,11 @@ class FlowBackend:
         edit = prepare_edit(spec, inpainting_unet=False)
         # The noise is drawn on the CPU so that a seed gives the same picture on any device.
         generator = torch.Generator(device="cpu").manual_seed(spec.seed)
-        pipeline = self._pipeline_for(spec.sampler, edit, generator)
+        pipeline = self._pipeline_for(spec, edit, generator)
         total = edit.steps_run if edit is not None else spec.steps
         self._report_encoding(pipeline, on_stage, should_cancel, total)
         callback = _StepReporter(spec, total, on_stage, should_cancel, on_preview)
-        with torch.inference_mode():
+        with self._loras.applied(spec.loras), torch.inference_mode():
             image: Image = pipeline(
                 prompt=spec.prompt,
                 **guidance_kwargs(self._family, spec.cfg_scale, spec.negative_prompt),
@@ -218,14 +235,16 @@ class FlowBackend:
         return image
 
     def _pipeline_for(
-        self, sampler: str, edit: PreparedEdit | None, generator: torch.Generator
+        self, spec: ImageSpec, edit: PreparedEdit | None, generator: torch.Generator
     ) -> Any:
         """A pipeline for this request over the loaded modules, with its own scheduler."""
         base = self._pipeline
         class_name = self._family.pipeline
         if edit is not None:
             class_name = str(edit_pipeline_name(self._family, inpaint=edit.mask is not None))
-        scheduler = make_flow_scheduler(sampler, base.scheduler.config, generator)
+        scheduler = make_flow_scheduler(
+            spec.sampler, base.scheduler.config, generator, spec.scheduler
+        )
         pipeline = getattr(diffusers, class_name).from_pipe(base, scheduler=scheduler)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline

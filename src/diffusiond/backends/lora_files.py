@@ -5,8 +5,10 @@ the weights, and imports no torch: the API layer lists and checks LoRAs with it.
 
 Formats: kohya/AUTOMATIC1111 (`lora_unet_*`, `lora_te_*`, SDXL's `lora_te1_*`/`lora_te2_*`,
 each pair `lora_down`/`lora_up` with an `.alpha`), and diffusers/peft (`unet.`,
-`text_encoder.`, `text_encoder_2.` prefixes, `lora_A`/`lora_B` or `lora.down`/`lora.up`).
-The architecture (sd1, sd2, sdxl: BackendInfo.architecture's names) follows from the widths
+`text_encoder.`, `text_encoder_2.`, a flow model's `transformer.` prefixes, `lora_A`/`lora_B`
+or `lora.down`/`lora.up`). A flow family's LoRA (FLUX.1, SD 3.x, ...) is told by its module
+names (flow_lora_files.py). Otherwise the architecture (sd1, sd2, sdxl:
+BackendInfo.architecture's names) follows from the widths
 the LoRA's down projections take in: SDXL's UNet cross-attention reads 2048-wide text
 features and it has a second text encoder; SD 2.x's text encoder is 1024 wide; anything
 else is sd1, as diffusers_backend.folder_architecture decides for a model.
@@ -24,6 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusiond.backends.catalog import ModelCatalog
+from diffusiond.backends.flow_lora_files import (
+    FLOW_PREFIXES,
+    flow_lora_architecture,
+    format_fits,
+    lora_fits,
+)
 from diffusiond.errors import InvalidRequest
 from diffusiond.jobs.models import LoraWeight
 
@@ -33,7 +41,7 @@ LORA_SUFFIX = ".safetensors"
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # a LoRA's header is kilobytes; beyond this: not one
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-PEFT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+PEFT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", *FLOW_PREFIXES)
 SDXL_ONLY_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 _DOWN = re.compile(r"(lora_down|lora_A|lora[._]down)\.weight$")
 # The UNet's cross-attention key/value projections read the text encoder's features.
@@ -50,7 +58,7 @@ class LoraFile:
     name: str
     path: Path
     format: str  # "kohya" or "peft"
-    architecture: str  # sd1, sd2, sdxl, or "unknown" where no layer tells
+    architecture: str  # sd1, sd2, sdxl, a flow family's name, or "unknown" where none tells
     size: int
     mtime_ns: int  # with `size`, tells a file changed on disk since it was read
 
@@ -100,7 +108,11 @@ def _input_width(shapes: Shapes, layer: re.Pattern[str]) -> int | None:
 
 
 def lora_architecture(shapes: Shapes) -> str:
-    """sd1, sd2 or sdxl, from the layers present and their widths; "unknown" if none tells."""
+    """A flow family's name, or sd1, sd2 or sdxl, from the layers present and their widths;
+    "unknown" if none tells."""
+    flow = flow_lora_architecture(shapes)
+    if flow is not None:
+        return flow
     if any(key.startswith(SDXL_ONLY_PREFIXES) for key in shapes):
         return "sdxl"
     cross = _input_width(shapes, _CROSS_ATTENTION)
@@ -213,8 +225,9 @@ class LoraChoices:
         ]
 
     def check(self, model: str | None, loras: Sequence[LoraWeight]) -> None:
-        """Raise InvalidRequest naming `loras` for an unknown LoRA or one of another
-        architecture than the model's."""
+        """Raise InvalidRequest naming `loras` for an unknown LoRA, one of another
+        architecture than the model's (flow_lora_files.lora_fits), or one in layer names
+        the model's diffusers loader does not read (format_fits)."""
         if not loras:
             return
         architecture: str | None = None
@@ -229,12 +242,17 @@ class LoraChoices:
                 )
             if architecture is None:
                 architecture = self._model_architecture(model)
-            if "unknown" not in (architecture, entry.architecture) and (
-                entry.architecture != architecture
-            ):
+            if not lora_fits(entry.architecture, architecture):
                 raise InvalidRequest(
                     f"loras: {lora.name!r} is a LoRA for {entry.architecture}, and the "
                     f"model is {architecture}",
+                    field="loras",
+                    rule=LORAS_RULE,
+                )
+            if not format_fits(entry.format, architecture):
+                raise InvalidRequest(
+                    f"loras: {lora.name!r} is in kohya's layer names, which diffusers' "
+                    f"LoRA loader for {architecture} does not read (it takes diffusers' names)",
                     field="loras",
                     rule=LORAS_RULE,
                 )

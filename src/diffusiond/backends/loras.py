@@ -6,7 +6,8 @@ same bits, so a request without LoRAs after one with them would draw a different
 An adapter leaves the model's weights untouched: its layers compute `base(x) + scale x
 B(A(x))`, and with no adapter active a wrapped layer returns `base(x)` exactly. So:
 
-- a LoRA is loaded once into the UNet and text encoder(s) as an adapter named `loraN`
+- a LoRA is loaded once into the UNet (a flow model's transformer) and text encoder(s),
+  by the pipeline's own `load_lora_weights`, as an adapter named `loraN`
   (peft names cannot hold a LoRA file's dots), and stays loaded (at most `max_resident`;
   the least recently used beyond that is deleted);
 - each request activates exactly its adapters at its weights, layer by layer, or switches
@@ -32,12 +33,14 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
+from diffusiond.backends.flow_lora_files import lora_fits
 from diffusiond.backends.lora_files import LoraCatalog, LoraFile
 from diffusiond.jobs.models import LoraWeight
 
 log = logging.getLogger(__name__)
 
-ADAPTER_MODULES = ("unet", "text_encoder", "text_encoder_2")
+# A flow pipeline's LoRA goes into its `transformer` (and, for some, its text encoders).
+ADAPTER_MODULES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 DEFAULT_CACHE_BYTES = 1024 * 1024 * 1024
 DEFAULT_MAX_RESIDENT = 8  # MAX_LORAS: one request's LoRAs always fit
 
@@ -142,9 +145,7 @@ class PipelineLoras:
         if entry is None:
             raise LoraLoadError(f"there is no LoRA named {name!r} in the LoRA folder")
         architecture = self._architecture()
-        if "unknown" not in (architecture, entry.architecture) and (
-            entry.architecture != architecture
-        ):
+        if not lora_fits(entry.architecture, architecture):
             raise LoraLoadError(
                 f"LoRA {name!r} is for {entry.architecture}, and the model is {architecture}"
             )
@@ -170,6 +171,8 @@ class PipelineLoras:
             with warnings.catch_warnings():  # peft warns of a second adapter: that is the plan
                 warnings.simplefilter("ignore", UserWarning)
                 self._pipeline.load_lora_weights(dict(tensors), adapter_name=adapter)
+            if not self._took(adapter):
+                raise ValueError("none of its layers is one of this model's")
         except Exception as exc:
             self._discard(adapter)
             raise LoraLoadError(
@@ -182,6 +185,13 @@ class PipelineLoras:
             self._after_load(self._pipeline)
         log.info("LoRA %s loaded as adapter %s", entry.name, adapter)
         return adapter
+
+    def _took(self, adapter: str) -> bool:
+        """Whether a layer of the pipeline's modules holds `adapter` (diffusers loads the
+        names it does not convert, SD 3's kohya ones, into nothing, and says nothing)."""
+        if next(self._adapter_modules(), None) is None:
+            return True  # a pipeline without modules to look in
+        return any(adapter in layer.scaling for layer in self._tuner_layers())
 
     def _evict(self, keep: set[str]) -> None:
         """Room for one more adapter; `keep`: those the request being resolved uses. (No
