@@ -6,9 +6,7 @@ Wan 2.1 names), or in diffusers names; a text encoder as Hugging Face names it i
 .safetensors, or as llama.cpp writes it in a .gguf (its names from the `gguf` package's own
 table, its config and its tokenizer in the metadata); a tokenizer folder per role.
 
-The tiny CLIPs here use the real CLIP vocabulary's size (49,408), so the CLIP tokenizer
-that ships in the package fits them; hidden 16, one head (the loaders' rule: 64-wide heads,
-one head below 64).
+The tiny text encoders these are tested with are in encoder_models.py.
 """
 
 from __future__ import annotations
@@ -22,108 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-CLIP_VOCAB = 49408
 _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL = 1, 2, 3
-
-
-def tiny_clip(with_projection: bool, *, act: str = "quick_gelu", layers: int = 2) -> Any:
-    """A CLIP text model over the real CLIP vocabulary, small enough for unit tests."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB,
-        hidden_size=16,
-        intermediate_size=24,
-        num_attention_heads=1,
-        num_hidden_layers=layers,
-        max_position_embeddings=77,
-        projection_dim=16,
-        hidden_act=act,
-        bos_token_id=CLIP_VOCAB - 2,
-        eos_token_id=CLIP_VOCAB - 1,
-        pad_token_id=1,
-    )
-    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return model_class(config).eval()
-
-
-_MERGES = (("\u0120", "c"), ("a", "t"), ("\u0120c", "at"))
-_QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-
-
-def tiny_qwen_tokenizer() -> Any:
-    """A byte-level Qwen2 tokenizer with three merges (" cat"), the chat markers and the
-    tiny families' chat template: llama.cpp's GGUFs always carry merges."""
-    from transformers import Qwen2Tokenizer
-
-    from diffusiond.backends.builtin_model import _byte_symbols
-    from tests.support.families import _CHAT_TEMPLATE
-
-    vocab = {symbol: index for index, symbol in enumerate(_byte_symbols())}
-    for left, right in _MERGES:
-        vocab[left + right] = len(vocab)
-    for token in _QWEN_SPECIAL:
-        vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=list(_MERGES))
-    tokenizer.chat_template = _CHAT_TEMPLATE
-    return tokenizer
-
-
-TINY_QWEN_VOCAB = 256 + len(_MERGES) + len(_QWEN_SPECIAL)
-
-
-def tiny_qwen3(causal_lm: bool, layers: int = 2) -> Any:
-    """A Qwen3 text model over `tiny_qwen_tokenizer`'s vocabulary."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
-
-    config = Qwen3Config(
-        vocab_size=TINY_QWEN_VOCAB,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=1024,
-        rope_theta=1000000.0,  # Qwen3's published value, which the loader assumes
-        bos_token_id=TINY_QWEN_VOCAB - 3,
-        eos_token_id=TINY_QWEN_VOCAB - 1,
-        pad_token_id=TINY_QWEN_VOCAB - 3,
-    )
-    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval()
-
-
-def tiny_qwen_vl() -> Any:
-    """A Qwen2.5-VL with one 16-wide head (the loader's rule: 128-wide heads, one below)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": TINY_QWEN_VOCAB,
-            "hidden_size": 16,
-            "intermediate_size": 24,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 1,
-            "num_key_value_heads": 1,
-            "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
-            "rope_theta": 1000000.0,
-            "rms_norm_eps": 1e-6,  # the published value, which the loader assumes
-        },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 16,
-            "intermediate_size": 24,
-            "num_heads": 1,
-            "out_hidden_size": 16,
-            "fullatt_block_indexes": [],
-        },
-        hidden_size=16,
-        vocab_size=TINY_QWEN_VOCAB,
-        vision_start_token_id=TINY_QWEN_VOCAB,
-        vision_end_token_id=TINY_QWEN_VOCAB,
-        vision_token_id=TINY_QWEN_VOCAB,
-    )
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
 # ---- VAEs -------------------------------------------------------------------------------
@@ -267,20 +164,72 @@ _GGUF_ARCH = {"t5xxl": "T5ENCODER", "llm": "QWEN3"}
 
 
 def write_text_encoder(
-    path: Path, role: str, module: Any, fmt: str, tokenizer: Any = None, *, prefix: str = ""
+    path: Path,
+    role: str,
+    module: Any,
+    fmt: str,
+    tokenizer: Any = None,
+    *,
+    prefix: str = "",
+    open_clip: bool = False,
+    quantized: bool = False,
 ) -> Path:
-    """A text encoder's file: its Hugging Face names (under `prefix`) in a .safetensors, or
-    llama.cpp's layout in a .gguf with its config and (given one) its tokenizer in the
-    metadata. `path` gets the format's suffix."""
+    """A text encoder's file: its Hugging Face names (under `prefix`; a CLIP in OpenCLIP's
+    original names if `open_clip`) in a .safetensors, or llama.cpp's layout in a .gguf with
+    its config and (given one) its tokenizer in the metadata, its matrices Q8_0 where
+    `quantized` (and their rows are whole blocks). `path` gets the format's suffix."""
     path = path.with_suffix("." + fmt)
     if fmt == "safetensors":
         state = dict(module.state_dict())
         if role.startswith("clip") and "embeddings.token_embedding.weight" in state:
             state = {"text_model." + k: v for k, v in state.items()}  # the hub's names
-        state = {prefix + k: v for k, v in state.items()}
         state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+        if open_clip:
+            state = open_clip_state(state)
+        state = {prefix + k: v for k, v in state.items()}
         return _write_tensors(path, _untied(state))
-    return _write_gguf(path, role, module, tokenizer)
+    return _write_gguf(path, role, module, tokenizer, quantized)
+
+
+_OPEN_CLIP_PARTS = (
+    ("text_model.encoder.layers.", "transformer.resblocks."),
+    ("layer_norm1", "ln_1"),
+    ("layer_norm2", "ln_2"),
+    (".mlp.fc1.", ".mlp.c_fc."),
+    (".mlp.fc2.", ".mlp.c_proj."),
+    (".self_attn.out_proj.", ".attn.out_proj."),
+)
+_OPEN_CLIP_ENDS = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+
+
+def _open_clip_name(name: str) -> str:
+    for new, old in _OPEN_CLIP_PARTS:
+        name = name.replace(new, old)
+    return name
+
+
+def open_clip_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIP text model's hub names as OpenCLIP's own text tower has them (SDXL's bigG)."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        if name == "text_projection.weight":
+            out["text_projection"] = tensor.T.contiguous()
+        elif name in _OPEN_CLIP_ENDS:
+            out[_OPEN_CLIP_ENDS[name]] = tensor
+        elif match := re.match(r"(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", name):
+            fused.setdefault(f"{match[1]}.in_proj_{match[3]}", {})[match[2]] = tensor
+        else:
+            out[_open_clip_name(name)] = tensor
+    for name, parts in fused.items():
+        target = name.replace("text_model.encoder.layers.", "transformer.resblocks.")
+        out[target.replace(".in_proj", ".attn.in_proj")] = torch.cat([parts[k] for k in "qkv"])
+    return out
 
 
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -296,7 +245,19 @@ def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_gguf(path: Path, role: str, module: Any, tokenizer: Any) -> Path:
+def _gguf_values(tensor: torch.Tensor, quantized: bool) -> tuple[Any, Any]:
+    """(values, raw type) for GGUFWriter: Q8_0 bytes for a matrix when asked, else F32."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quantize
+
+    values = tensor.detach().float().numpy()
+    block = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]
+    if quantized and values.ndim == 2 and values.shape[-1] % block == 0:
+        return quantize(values, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+    return values, None
+
+
+def _write_gguf(path: Path, role: str, module: Any, tokenizer: Any, quantized: bool) -> Path:
     import gguf
 
     arch = getattr(gguf.MODEL_ARCH, _GGUF_ARCH[role])
@@ -313,7 +274,8 @@ def _write_gguf(path: Path, role: str, module: Any, tokenizer: Any) -> Path:
         assert gguf_name is not None, name
         if gguf_name not in written:
             written.add(gguf_name)
-            writer.add_tensor(gguf_name, tensor.detach().float().numpy())
+            values, raw_type = _gguf_values(tensor, quantized)
+            writer.add_tensor(gguf_name, values, raw_dtype=raw_type)
     if role == "t5xxl":
         _t5_metadata(writer, config)
     else:
@@ -347,6 +309,8 @@ def _qwen3_metadata(writer: Any, config: Any) -> None:
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 0))))
 
 
 def _backend_model(tokenizer: Any) -> dict[str, Any]:

@@ -123,6 +123,16 @@ def _from_ldm(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tens
         )
     except (KeyError, IndexError, AttributeError) as exc:
         raise ModelLoadError(f"{what}: its autoencoder tensors are incomplete ({exc})") from None
+    # diffusers' converter passes over names it does not know: such a tensor is refused here
+    kept = {tensor.data_ptr() for tensor in converted.values()}
+    dropped = sorted(
+        name for name, tensor in {**state, **moved}.items() if tensor.data_ptr() not in kept
+    )
+    if dropped:
+        raise ModelLoadError(
+            f"{what}: {len(dropped)} tensors the autoencoder has no place for "
+            f"({', '.join(dropped[:3])}); is it another model's file?"
+        )
     return {**converted, **batch_norm}
 
 
