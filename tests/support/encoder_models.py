@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 CLIP_VOCAB = 49408
 
 
@@ -112,3 +114,18 @@ def tiny_qwen_vl() -> Any:
         vision_token_id=TINY_QWEN_VOCAB,
     )
     return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def seeded(factory: Any, seed: int = 0) -> Any:
+    """What `factory` makes with the random generator at `seed` (the caller's left alone)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The same tensor names, each bit for bit equal."""
+    left, right = a.state_dict(), b.state_dict()
+    assert left.keys() == right.keys()
+    for name, tensor in left.items():
+        assert torch.equal(tensor, right[name]), name

@@ -1,7 +1,7 @@
-"""Split-component VAEs and text encoders: each published layout read back exactly.
+"""Split-component text encoders: each published layout read back exactly.
 
-Tiny random modules are written in each layout (tests/support/encoder_files.py) and loaded
-by component_encoders.py: the weights must come back bit for bit at float32 and the
+Tiny random text encoders are written in each layout (tests/support/encoder_files.py) and
+loaded by component_encoders.py: the weights must come back bit for bit at float32 and the
 outputs be the same; tokenizers from a GGUF's metadata must give the original's ids; and
 every way a file can be wrong must be a ModelLoadError naming the file and the role.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusiond.backends.component_encoders import load_text_encoder, load_vae
-from diffusiond.backends.component_pipeline import read_component
+from diffusiond.backends.component_encoders import load_text_encoder
 from diffusiond.errors import ModelLoadError
 from tests.support import encoder_files as files
 from tests.support import encoder_models as models
-from tests.support.families import _t5, _vae, clip_tokenizer, t5_tokenizer
+from tests.support.families import _t5, clip_tokenizer, t5_tokenizer
 
 PROMPTS = ("a photo of a cat", "Hello,  World! 123", "", "cat cat concatenate")
 
@@ -31,160 +31,8 @@ PROMPTS = ("a photo of a cat", "Hello,  World! 123", "", "cat cat concatenate")
 def _quiet() -> Iterator[None]:
     torch.set_num_threads(1)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # transformers' own notes on tiny configs
+        warnings.simplefilter("ignore")  # transformers' and diffusers' notes on tiny configs
         yield
-
-
-def _seeded(factory: Any, seed: int = 0) -> Any:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return factory()
-
-
-def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    left, right = a.state_dict(), b.state_dict()
-    assert left.keys() == right.keys()
-    for name, tensor in left.items():
-        assert torch.equal(tensor, right[name]), name
-
-
-# ---- VAEs -----------------------------------------------------------------------------------
-
-
-def _qwen_vae() -> Any:
-    from diffusers import AutoencoderKLQwenImage
-
-    return AutoencoderKLQwenImage(
-        base_dim=8,
-        z_dim=16,
-        dim_mult=[1, 2, 2, 2],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-    )
-
-
-def _flux2_vae() -> Any:
-    from diffusers import AutoencoderKLFlux2
-
-    vae = AutoencoderKLFlux2(  # FLUX.2's own has its quant convs, unlike the tiny family's
-        latent_channels=32,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    vae.bn.running_mean.uniform_(-1, 1)  # statistics a trained model has, not zeros/ones
-    vae.bn.running_var.uniform_(0.5, 2)
-    return vae
-
-
-VAES = {
-    "flux1": lambda: _vae(16),
-    "chroma": lambda: _vae(16),
-    "zimage": lambda: _vae(16),
-    "sd3": lambda: _vae(16),
-    "flux2": _flux2_vae,
-    "qwenimage": _qwen_vae,
-}
-SCALING = {"flux1": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
-
-
-def _load_vae(family: str, path: Path, dtype: torch.dtype = torch.float32) -> Any:
-    return load_vae(family, read_component(path, dtype), dtype, path)
-
-
-@pytest.mark.parametrize("layout", ["original", "diffusers"])
-@pytest.mark.parametrize("family", sorted(VAES))
-def test_vae_round_trips(tmp_path: Path, family: str, layout: str) -> None:
-    module = _seeded(VAES[family])
-    path = files.write_vae(tmp_path / "vae.safetensors", family, module, layout=layout)
-    loaded = _load_vae(family, path)
-    assert type(loaded) is type(module)
-    _same_weights(module, loaded)
-    if family in SCALING:
-        scaling, shift = SCALING[family]
-        assert (loaded.config.scaling_factor, loaded.config.shift_factor) == (scaling, shift)
-        assert loaded.config.norm_num_groups == 8  # the tiny widths' (8, 16): the gcd rule
-
-
-def test_original_layouts_are_not_the_diffusers_names() -> None:
-    flux = files.ldm_vae_state(_vae(16))
-    assert "encoder.down.0.block.0.norm1.weight" in flux
-    assert "decoder.up.0.block.0.conv1.weight" in flux
-    assert "encoder.mid.attn_1.q.weight" in flux
-    assert flux["encoder.mid.attn_1.q.weight"].ndim == 4
-    flux2 = files.ldm_vae_state(_flux2_vae())
-    assert {"encoder.quant_conv.weight", "decoder.post_quant_conv.weight", "bn.running_var"} <= set(
-        flux2
-    )
-    wan = files.wan_vae_state(_qwen_vae())
-    assert {"conv1.weight", "encoder.conv1.weight", "encoder.head.2.weight"} <= set(wan)
-    assert "decoder.upsamples.2.resample.1.weight" in wan  # level 0: two residuals, then up
-    assert "decoder.upsamples.3.shortcut.weight" in wan  # level 1 starts narrower
-
-
-def test_vaes_decode_alike(tmp_path: Path) -> None:
-    latents = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(1))
-    flux = _seeded(VAES["flux1"])
-    loaded = _load_vae("flux1", files.write_vae(tmp_path / "f.safetensors", "flux1", flux))
-    with torch.no_grad():
-        assert torch.equal(flux.decode(latents).sample, loaded.decode(latents).sample)
-    qwen = _seeded(_qwen_vae)
-    loaded = _load_vae("qwenimage", files.write_vae(tmp_path / "q.safetensors", "qwenimage", qwen))
-    frames = latents[:, :, None]
-    with torch.no_grad():
-        assert torch.equal(qwen.decode(frames).sample, loaded.decode(frames).sample)
-    # the published per-channel statistics, which no tensor records
-    assert loaded.config.latents_mean[:2] == [-0.7571, -0.7089]
-    assert loaded.config.latents_std[-1] == 1.9160
-
-
-def test_vae_from_gguf_and_under_a_prefix(tmp_path: Path) -> None:
-    module = _seeded(VAES["flux1"])
-    gguf = files.write_vae(tmp_path / "ae.gguf", "flux1", module)
-    _same_weights(module, _load_vae("flux1", gguf))
-    prefixed = {"first_stage_model." + k: v for k, v in files.ldm_vae_state(module).items()}
-    save_file(prefixed, str(tmp_path / "p.safetensors"))
-    _same_weights(module, _load_vae("flux1", tmp_path / "p.safetensors"))
-
-
-def test_vae_in_half_precision_without_a_float32_copy(tmp_path: Path) -> None:
-    module = _seeded(VAES["sd3"])
-    path = files.write_vae(tmp_path / "vae.safetensors", "sd3", module)
-    loaded = _load_vae("sd3", path, torch.bfloat16)
-    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
-    _same_weights(module.to(torch.bfloat16), loaded)
-
-
-def _vae_error(tmp_path: Path, family: str, state: dict[str, torch.Tensor]) -> str:
-    path = tmp_path / "bad.safetensors"
-    save_file(state, str(path))
-    with pytest.raises(ModelLoadError) as caught:
-        _load_vae(family, path)
-    message = str(caught.value)
-    assert str(path) in message
-    assert message.startswith("vae ")
-    return message
-
-
-def test_vae_errors(tmp_path: Path) -> None:
-    flux = files.ldm_vae_state(_seeded(VAES["flux1"]))
-    assert "names" in _vae_error(tmp_path, "flux1", {"model.weight": torch.zeros(2)})
-    assert "no tensors" in _vae_error(tmp_path, "flux1", {})
-    missing = {k: v for k, v in flux.items() if k != "decoder.up.1.block.0.conv2.bias"}
-    assert "missing" in _vae_error(tmp_path, "flux1", missing)
-    extra = {**flux, "decoder.spare.weight": torch.zeros(2)}
-    assert "no place for" in _vae_error(tmp_path, "flux1", extra)
-    wrong = {**flux, "decoder.up.1.block.0.conv2.bias": torch.zeros(3)}
-    assert "wrong shape" in _vae_error(tmp_path, "flux1", wrong)
-    assert "batch norm" in _vae_error(tmp_path, "flux2", flux)
-    flux2 = files.ldm_vae_state(_seeded(VAES["flux2"]))
-    assert "FLUX.2" in _vae_error(tmp_path, "sd3", flux2)
-    assert "Wan 2.1" in _vae_error(tmp_path, "qwenimage", flux)
-    wan = files.wan_vae_state(_seeded(_qwen_vae))
-    assert "Qwen-Image" in _vae_error(tmp_path, "qwenimage", {"x.weight": torch.zeros(1)})
-    del wan["conv2.weight"]
-    assert "conv2.weight" in _vae_error(tmp_path, "qwenimage", wan)
 
 
 # ---- text encoders -------------------------------------------------------------------------
@@ -232,11 +80,11 @@ def test_text_encoder_round_trips_from_safetensors(
     tmp_path: Path, tokenizers: Path, case: tuple[str, str, Any, str]
 ) -> None:
     family, role, factory, kind = case
-    module = _seeded(factory)
+    module = models.seeded(factory)
     path = files.write_text_encoder(tmp_path / role, role, module, "safetensors")
     encoder, _ = load_text_encoder(family, role, path, torch.float32, tokenizers)
     assert type(encoder).__name__ == kind
-    _same_weights(module, encoder)
+    models.assert_same_weights(module, encoder)
     _same_outputs(module, encoder, role)
 
 
@@ -245,12 +93,12 @@ def test_text_encoder_round_trips_from_gguf(
     tmp_path: Path, case: tuple[str, str, Any, str]
 ) -> None:
     family, role, factory, kind = case
-    module = _seeded(factory)
+    module = models.seeded(factory)
     tokenizer = _tokenizer_for(role)
     path = files.write_text_encoder(tmp_path / role, role, module, "gguf", tokenizer)
     encoder, loaded = load_text_encoder(family, role, path, torch.float32, None)
     assert type(encoder).__name__ == kind
-    _same_weights(module, encoder)
+    models.assert_same_weights(module, encoder)
     _same_outputs(module, encoder, role)
     for prompt in PROMPTS:
         assert loaded(prompt).input_ids == tokenizer(prompt).input_ids, prompt
@@ -264,7 +112,7 @@ def test_text_encoder_round_trips_from_gguf(
 
 def test_merges_apply_in_the_gguf_tokenizer(tmp_path: Path) -> None:
     tokenizer = models.tiny_qwen_tokenizer()
-    module = _seeded(lambda: models.tiny_qwen3(False))
+    module = models.seeded(lambda: models.tiny_qwen3(False))
     path = files.write_text_encoder(tmp_path / "llm", "llm", module, "gguf", tokenizer)
     _, loaded = load_text_encoder("zimage", "llm", path, torch.float32, None)
     cat = tokenizer.convert_tokens_to_ids("\u0120cat")
@@ -275,7 +123,7 @@ def test_quantized_gguf_matches_its_dequantized_values(tmp_path: Path) -> None:
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
-    module = _seeded(_t5)
+    module = models.seeded(_t5)
     path = files.write_text_encoder(
         tmp_path / "t5", "t5xxl", module, "gguf", t5_tokenizer(), quantized=True
     )
@@ -291,10 +139,10 @@ def test_quantized_gguf_matches_its_dequantized_values(tmp_path: Path) -> None:
 def test_gguf_rope_theta_comes_from_its_metadata(tmp_path: Path) -> None:
     from transformers import Qwen3Model
 
-    base = _seeded(lambda: models.tiny_qwen3(False))
+    base = models.seeded(lambda: models.tiny_qwen3(False))
     config = base.config
     config.rope_parameters = {"rope_theta": 10000.0, "rope_type": "default"}
-    module = _seeded(lambda: Qwen3Model(config).eval())
+    module = models.seeded(lambda: Qwen3Model(config).eval())
     tokenizer = models.tiny_qwen_tokenizer()
     path = files.write_text_encoder(tmp_path / "llm", "llm", module, "gguf", tokenizer)
     encoder, _ = load_text_encoder("zimage", "llm", path, torch.float32, None)
@@ -302,23 +150,23 @@ def test_gguf_rope_theta_comes_from_its_metadata(tmp_path: Path) -> None:
 
 
 def test_other_layouts_and_prefixes(tmp_path: Path, tokenizers: Path) -> None:
-    clip = _seeded(lambda: models.tiny_clip(True, act="gelu"))
+    clip = models.seeded(lambda: models.tiny_clip(True, act="gelu"))
     path = files.write_text_encoder(
         tmp_path / "g", "clip_g", clip, "safetensors", open_clip=True, prefix="conditioner.m."
     )
     encoder, _ = load_text_encoder("sd3", "clip_g", path, torch.float32, None)
-    _same_weights(clip, encoder)
-    t5 = _seeded(_t5)
+    models.assert_same_weights(clip, encoder)
+    t5 = models.seeded(_t5)
     prefix = "text_encoders.t5xxl.transformer."
     path = files.write_text_encoder(tmp_path / "t", "t5xxl", t5, "safetensors", prefix=prefix)
     encoder, _ = load_text_encoder("chroma", "t5xxl", path, torch.float32, tokenizers)
-    _same_weights(t5, encoder)
+    models.assert_same_weights(t5, encoder)
     # a CLIP-L with its projection (SD3's file) serves FLUX.1, which has no use for it
     path = files.write_text_encoder(tmp_path / "l", "clip_l", clip, "safetensors")
     encoder, _ = load_text_encoder("flux1", "clip_l", path, torch.float32, None)
     assert type(encoder).__name__ == "CLIPTextModel"
     # Qwen2.5-VL as the hub keeps it (model.layers.*, visual.*)
-    vl = _seeded(models.tiny_qwen_vl)
+    vl = models.seeded(models.tiny_qwen_vl)
     hub = {
         k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
         for k, v in files._untied(dict(vl.state_dict())).items()
@@ -327,25 +175,25 @@ def test_other_layouts_and_prefixes(tmp_path: Path, tokenizers: Path) -> None:
     encoder, _ = load_text_encoder(
         "qwenimage", "llm", tmp_path / "vl.safetensors", torch.float32, tokenizers
     )
-    _same_weights(vl, encoder)
+    models.assert_same_weights(vl, encoder)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
 def test_text_encoder_in_half_precision(tmp_path: Path, fmt: str) -> None:
-    module = _seeded(_t5)
+    module = models.seeded(_t5)
     path = files.write_text_encoder(tmp_path / "t5", "t5xxl", module, fmt, t5_tokenizer())
     folder = tmp_path / "tok"
     files.write_tokenizer_folder(folder, "t5xxl", t5_tokenizer())
     encoder, _ = load_text_encoder("flux1", "t5xxl", path, torch.bfloat16, folder)
     assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}
-    _same_weights(module.to(torch.bfloat16), encoder)
+    models.assert_same_weights(module.to(torch.bfloat16), encoder)
 
 
 # ---- tokenizers ---------------------------------------------------------------------------
 
 
 def test_clip_gets_the_shipped_tokenizer_with_its_pad(tmp_path: Path) -> None:
-    clip = _seeded(lambda: models.tiny_clip(True))
+    clip = models.seeded(lambda: models.tiny_clip(True))
     path = files.write_text_encoder(tmp_path / "c", "clip_l", clip, "safetensors")
     _, tokenizer_l = load_text_encoder("sd3", "clip_l", path, torch.float32, None)
     _, tokenizer_g = load_text_encoder("sd3", "clip_g", path, torch.float32, tmp_path)
@@ -359,11 +207,11 @@ def test_a_tokenizers_folder_wins(tmp_path: Path) -> None:
     files.write_tokenizer_folder(folder, "clip_l", clip_tokenizer())  # 514 byte tokens
     reversed_ascii = _reordered_t5_tokenizer()
     files.write_tokenizer_folder(folder, "t5xxl", reversed_ascii)
-    clip = _seeded(lambda: models.tiny_clip(False))
+    clip = models.seeded(lambda: models.tiny_clip(False))
     path = files.write_text_encoder(tmp_path / "c", "clip_l", clip, "safetensors")
     _, tokenizer = load_text_encoder("flux1", "clip_l", path, torch.float32, folder)
     assert len(tokenizer) == len(clip_tokenizer()) != models.CLIP_VOCAB
-    t5 = _seeded(_t5)
+    t5 = models.seeded(_t5)
     path = files.write_text_encoder(tmp_path / "t", "t5xxl", t5, "gguf", t5_tokenizer())
     _, tokenizer = load_text_encoder("flux1", "t5xxl", path, torch.float32, folder)
     assert tokenizer("abc").input_ids == reversed_ascii("abc").input_ids
@@ -379,7 +227,7 @@ def _reordered_t5_tokenizer() -> Any:
 
 
 def test_a_tokenizer_is_needed_for_t5_and_llm(tmp_path: Path) -> None:
-    t5 = _seeded(_t5)
+    t5 = models.seeded(_t5)
     path = files.write_text_encoder(tmp_path / "t", "t5xxl", t5, "safetensors")
     with pytest.raises(ModelLoadError, match=r"t5xxl .*a \.safetensors never does.*tokenizers"):
         load_text_encoder("flux1", "t5xxl", path, torch.float32, None)
@@ -409,7 +257,7 @@ def _encoder_error(path: Path, family: str, role: str, tokenizers: Path | None =
 
 
 def test_text_encoder_tensor_errors(tmp_path: Path, tokenizers: Path) -> None:
-    state = files._untied(dict(_seeded(_t5).state_dict()))
+    state = files._untied(dict(models.seeded(_t5).state_dict()))
     path = tmp_path / "t5.safetensors"
 
     def wrong(changed: dict[str, torch.Tensor]) -> str:
@@ -422,7 +270,7 @@ def test_text_encoder_tensor_errors(tmp_path: Path, tokenizers: Path) -> None:
     assert "wrong shape" in wrong({**state, name: torch.zeros(3, 3)})
     assert "not a T5 encoder" in wrong({"shared.weight": state["shared.weight"]})
     assert "no tensors" in wrong({})
-    clip = files._untied(dict(_seeded(lambda: models.tiny_clip(False)).state_dict()))
+    clip = files._untied(dict(models.seeded(lambda: models.tiny_clip(False)).state_dict()))
     save_file({"text_model." + k: v for k, v in clip.items()}, str(path))
     assert "not a CLIP" not in _encoder_error(path, "flux1", "t5xxl", tokenizers)
     assert "text_projection" in _encoder_error(path, "sd3", "clip_l")
@@ -433,7 +281,7 @@ def test_text_encoder_tensor_errors(tmp_path: Path, tokenizers: Path) -> None:
 
 
 def test_gguf_errors(tmp_path: Path) -> None:
-    qwen = _seeded(lambda: models.tiny_qwen3(True))
+    qwen = models.seeded(lambda: models.tiny_qwen3(True))
     tokenizer = models.tiny_qwen_tokenizer()
     path = files.write_text_encoder(tmp_path / "llm", "llm", qwen, "gguf", tokenizer)
     message = _encoder_error(path, "qwenimage", "llm")
@@ -453,3 +301,57 @@ def test_gguf_errors(tmp_path: Path) -> None:
     writer.add_tensor("blk.0.mystery.weight", torch.zeros(4).numpy())
     files._finish(writer)
     assert "no place for: blk.0.mystery.weight" in _encoder_error(stray, "zimage", "llm")
+
+
+# ---- in the families' pipelines -----------------------------------------------------------
+
+_LLMS = {
+    "flux2": lambda: models.tiny_qwen3(True, layers=28),  # the pipeline reads layers 9, 18, 27
+    "zimage": lambda: models.tiny_qwen3(False),
+    "qwenimage": models.tiny_qwen_vl,
+}
+_OTHERS = {
+    "clip_l": lambda family: models.tiny_clip(family == "sd3"),
+    "clip_g": lambda family: models.tiny_clip(True, act="gelu"),
+    "t5xxl": lambda family: _t5(),
+}
+
+
+def _component_encoders(folder: Path, family: str) -> dict[str, Any]:
+    """The family's text encoder and tokenizer arguments, each read from its own file:
+    GGUFs (with their tokenizers) where llama.cpp has the layout, else safetensors."""
+    from diffusiond.backends.component_pipeline import encoder_arguments
+
+    parts: dict[str, Any] = {}
+    tokenizers = folder / "tokenizers"
+    for role, encoder_name, tokenizer_name in encoder_arguments(family):
+        factory = _LLMS[family] if role == "llm" else partial(_OTHERS[role], family)
+        module = models.seeded(factory)
+        gguf = role == "t5xxl" or (role == "llm" and family != "qwenimage")
+        tokenizer = _tokenizer_for(role)
+        if family == "qwenimage":
+            files.write_tokenizer_folder(tokenizers, role, tokenizer)
+        fmt = "gguf" if gguf else "safetensors"
+        path = files.write_text_encoder(folder / role, role, module, fmt, tokenizer)
+        encoder, loaded = load_text_encoder(family, role, path, torch.float32, tokenizers)
+        parts[encoder_name], parts[tokenizer_name] = encoder, loaded
+    return parts
+
+
+@pytest.mark.parametrize("family", ["flux1", "sd3", "chroma", "flux2", "zimage", "qwenimage"])
+def test_the_family_pipeline_encodes_a_prompt_with_them(tmp_path: Path, family: str) -> None:
+    import diffusers
+
+    from diffusiond.backends.families import FAMILIES
+
+    parts = _component_encoders(tmp_path, family)
+    pipeline_class = getattr(diffusers, FAMILIES[family].pipeline)
+    pipeline = pipeline_class(transformer=None, vae=None, scheduler=None, **parts)
+    extra: dict[str, Any] = {"max_sequence_length": 64} if family in ("flux1", "sd3") else {}
+    if family == "sd3":
+        extra |= {"prompt_2": None, "prompt_3": None}
+    with torch.no_grad():
+        out = pipeline.encode_prompt(prompt="a photo of a cat", device="cpu", **extra)
+    embeds = out[0][0] if family == "zimage" else out[0]  # Z-Image gives a list a prompt
+    assert torch.isfinite(embeds).all()
+    assert embeds.shape[-1] in (16, 32, 48)  # a text encoder's width (FLUX.2: three layers')
