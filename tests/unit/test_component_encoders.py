@@ -179,6 +179,24 @@ def test_other_layouts_and_prefixes(tmp_path: Path, tokenizers: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
+def test_a_tied_lm_head_comes_from_the_embedding(tmp_path: Path, fmt: str) -> None:
+    from transformers import Qwen3ForCausalLM
+
+    config = models.tiny_qwen3(True).config
+    config.tie_word_embeddings = True  # as Qwen3-4B's (FLUX.2 klein's): no lm_head stored
+    module = models.seeded(lambda: Qwen3ForCausalLM(config).eval())
+    tokenizer = models.tiny_qwen_tokenizer()
+    path = files.write_text_encoder(tmp_path / "llm", "llm", module, fmt, tokenizer)
+    names = files._untied(dict(module.state_dict()))
+    assert "lm_head.weight" not in names
+    folder = tmp_path / "tokenizers"
+    files.write_tokenizer_folder(folder, "llm", tokenizer)
+    encoder, _ = load_text_encoder("flux2", "llm", path, torch.float32, folder)
+    assert encoder.config.tie_word_embeddings
+    models.assert_same_weights(module, encoder)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
 def test_text_encoder_in_half_precision(tmp_path: Path, fmt: str) -> None:
     module = models.seeded(_t5)
     path = files.write_text_encoder(tmp_path / "t5", "t5xxl", module, fmt, t5_tokenizer())
