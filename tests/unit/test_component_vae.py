@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffusiond.backends.component_encoders import load_vae
-from diffusiond.backends.component_pipeline import read_component
+from diffusiond.backends.component_read import read_component
 from diffusiond.errors import ModelLoadError
 from tests.support import encoder_files as files
 from tests.support import encoder_models as models

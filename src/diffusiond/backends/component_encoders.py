@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from diffusiond.backends import component_text as text
+from diffusiond.backends.component_read import read_component
 from diffusiond.backends.component_vae import load_vae
 from diffusiond.backends.component_weights import (
     assign,
@@ -65,8 +66,6 @@ def load_text_encoder(
                 + (" (llama.cpp keeps Qwen2.5-VL's vision tower apart)" if role == "llm" else "")
             )
         )
-    from diffusiond.backends.component_pipeline import read_component
-
     state = {
         name: tensor
         for name, tensor in read_component(path, dtype).items()
