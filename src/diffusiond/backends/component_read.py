@@ -1,7 +1,7 @@
 """A component file's tensors, read one by one into the compute dtype.
 
-Its own module so that the loaders of each part (component_encoders.py, component_vae.py)
-and the pipeline's assembly (component_pipeline.py, which imports them) share it without
+Its own module so that the text encoders' loader (component_encoders.py) and the
+pipeline's assembly (component_pipeline.py, which imports that loader) share it without
 importing each other. A GGUF's quantized tensors are dequantized (gguf_file.py), a
 .safetensors is read without a memory map (single_file.py); a file either cannot read is a
 ModelLoadError naming it.
