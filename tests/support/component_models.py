@@ -80,7 +80,9 @@ def component_folder(
         return folder
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=home))
     try:
-        names = write_parts(staging, family, tiny_pipeline(home, family), fmt=fmt, gguf_text=gguf_text)
+        names = write_parts(
+            staging, family, tiny_pipeline(home, family), fmt=fmt, gguf_text=gguf_text
+        )
         manifest: dict[str, str] = {**names}
         if (staging / "tokenizers").is_dir():
             manifest["tokenizers"] = "tokenizers"

@@ -71,20 +71,21 @@ def qwen_tokenizer() -> Any:
 QWEN_VOCAB = 256 + len(_QWEN_SPECIAL)
 
 
-def _clip_text(with_projection: bool, hidden: int = 32) -> Any:
+def _clip_text(with_projection: bool, hidden: int = 32, *, clip_g: bool = False) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=514,
         hidden_size=hidden,
         intermediate_size=37,
-        num_attention_heads=4,
+        num_attention_heads=1,  # CLIP's heads are 64 wide: a narrower model has one
         num_hidden_layers=2,
         max_position_embeddings=77,
         projection_dim=hidden,
         bos_token_id=512,
         eos_token_id=513,
         pad_token_id=513,
+        hidden_act="gelu" if clip_g else "quick_gelu",  # OpenCLIP's bigG, OpenAI's L
     )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
@@ -118,6 +119,7 @@ def _qwen3(layers: int, causal_lm: bool) -> Any:
         num_key_value_heads=2,
         head_dim=8,
         max_position_embeddings=1024,
+        rope_theta=1_000_000.0,  # Qwen3's published value
         bos_token_id=256,
         eos_token_id=258,
         pad_token_id=256,
@@ -226,7 +228,7 @@ def _sd3() -> Any:
         vae=_vae(16, sd3=True),
         text_encoder=_clip_text(with_projection=True),
         tokenizer=clip_tokenizer(),
-        text_encoder_2=_clip_text(with_projection=True),
+        text_encoder_2=_clip_text(with_projection=True, clip_g=True),
         tokenizer_2=clip_tokenizer(),
         text_encoder_3=_t5(d_model=64),
         tokenizer_3=t5_tokenizer(),
@@ -287,8 +289,7 @@ def _qwenimage() -> Any:
         dim_mult=[1, 2, 2, 2],
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 16,
-        latents_std=[1.0] * 16,
+        # latents_mean/std: the class defaults, Qwen-Image's published values
     )
     config = Qwen2_5_VLConfig(
         text_config={
@@ -296,16 +297,17 @@ def _qwenimage() -> Any:
             "hidden_size": 16,
             "intermediate_size": 16,
             "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "num_attention_heads": 1,  # Qwen2.5-VL's heads are 128 wide, its mrope
+            "num_key_value_heads": 1,  # sections [16, 24, 24]: scaled to one 16-wide head
+            "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
             "rope_theta": 1000000.0,
+            "rms_norm_eps": 1e-6,
         },
         vision_config={
             "depth": 1,
             "hidden_size": 16,
             "intermediate_size": 16,
-            "num_heads": 2,
+            "num_heads": 1,
             "out_hidden_size": 16,
         },
         hidden_size=16,

@@ -249,7 +249,7 @@ def test_the_catalog_names_a_flow_single_file_by_its_family(tmp_path: Path) -> N
 
 
 def test_an_fp8_file_is_read_up_to_the_compute_dtype(tmp_path: Path) -> None:
-    from diffusiond.backends.component_pipeline import read_component
+    from diffusiond.backends.component_read import read_component
 
     values = torch.tensor([0.5, -1.5, 3.0, 448.0])
     path = tmp_path / "qwen_image_fp8_e4m3fn.safetensors"

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from diffusiond.backends.component_pipeline import read_component, scheduler_defaults
+from diffusiond.backends.component_pipeline import scheduler_defaults
+from diffusiond.backends.component_read import read_component
 from diffusiond.backends.components import detect_family, tensor_names
 from diffusiond.backends.transformer_flux import load_flux_layout
 from diffusiond.errors import ModelLoadError

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from diffusiond.backends.component_pipeline import read_component
+from diffusiond.backends.component_read import read_component
 from diffusiond.backends.components import detect_family, tensor_names
 from diffusiond.backends.transformer_mmdit import load_mmdit_layout
 from diffusiond.errors import ModelLoadError

@@ -49,9 +49,16 @@ _COMPUTED = ("position_ids", "rotary_emb.inv_freq")
 
 
 def load_text_encoder(
-    family: str, role: str, path: Path, dtype: torch.dtype, tokenizers: Path | None
+    family: str,
+    role: str,
+    path: Path,
+    dtype: torch.dtype,
+    tokenizers: Path | None,
+    *,
+    prefix: str = "",
 ) -> tuple[Any, Any]:
-    """(text encoder module, tokenizer) of `role` for `family`'s pipeline, from `path`."""
+    """(text encoder module, tokenizer) of `role` for `family`'s pipeline, from `path` (its
+    tensors under `prefix` where the file holds other parts too)."""
     what = f"{role} {path}"
     gguf = path.suffix.lower() == ".gguf"
     metadata = _gguf_metadata(path, what) if gguf else {}
@@ -68,7 +75,7 @@ def load_text_encoder(
         )
     state = {
         name: tensor
-        for name, tensor in read_component(path, dtype).items()
+        for name, tensor in read_component(path, dtype, prefix).items()
         if not name.endswith(_COMPUTED)
     }
     if not state:

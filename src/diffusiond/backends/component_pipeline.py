@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from diffusiond.backends.component_read import read_component
 from diffusiond.backends.components import ComponentFiles
 from diffusiond.backends.families import FAMILIES
 from diffusiond.errors import ModelLoadError
@@ -45,27 +46,6 @@ SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
         "time_shift_type": "exponential",
     },
 }
-
-
-def read_component(path: Path, dtype: torch.dtype, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors or .gguf file (those under `prefix`, with it
-    stripped, when one is given), floating-point ones in `dtype`."""
-    from diffusiond.backends.gguf_file import GgufFile, GgufFormatError
-    from diffusiond.backends.single_file import SafetensorsFile
-
-    try:
-        source: Any = GgufFile(path) if path.suffix.lower() == ".gguf" else SafetensorsFile(path)
-    except (GgufFormatError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"component file {path} cannot be read: {exc}") from exc
-    index = source.tensors if isinstance(source, GgufFile) else source.entries
-    names = [name for name in index if name.startswith(prefix)]
-    try:
-        tensors: dict[str, torch.Tensor] = source.read(names, dtype)
-    except (GgufFormatError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"component file {path} cannot be read: {exc}") from exc
-    if prefix:
-        return {name[len(prefix) :]: tensor for name, tensor in tensors.items()}
-    return tensors
 
 
 def encoder_arguments(family: str) -> list[tuple[str, str, str]]:
@@ -120,7 +100,7 @@ def build_pipeline(components: ComponentFiles, dtype: torch.dtype) -> Any:
     parts: dict[str, Any] = {"transformer": transformer, "vae": vae}
     for role, encoder_name, tokenizer_name in encoder_arguments(family):
         encoder, tokenizer = load_text_encoder(
-            family, role, files[role], dtype, components.tokenizers
+            family, role, files[role], dtype, components.tokenizers, prefix=prefixes.get(role, "")
         )
         parts[encoder_name] = encoder
         parts[tokenizer_name] = tokenizer
