@@ -1,7 +1,8 @@
 """Split components over real HTTP: each family's tiny model written as the files people
 download (tests/support/component_models.py), served from a models-dir folder with a
 components.json next to the same model as a diffusers folder, and once from the flags
-(`--diffusion-model`, `--vae`, `--llm`). The same weights draw the same picture either way;
+(`--diffusion-model`, `--vae`, `--llm`), and as a ComfyUI-style single file. The same
+weights draw the same picture either way;
 a GGUF diffusion model draws within quantization error; the listing names each role's file;
 a job shows progress, cancels, reproduces its seed; a wrong sampler is a 400; a model that
 cannot be built fails its job naming the file."""
@@ -24,7 +25,7 @@ from PIL import Image
 from diffusiond.backends.components import MANIFEST_NAME
 from diffusiond.backends.families import FAMILIES
 from diffusiond.testing.requests import GENERATIONS, submit
-from tests.support.component_models import component_folder
+from tests.support.component_models import component_folder, single_file
 from tests.support.families import tiny_family_folder
 from tests.support.server import ServerProcess, poll_until, start_server, wait_first_step
 
@@ -43,6 +44,9 @@ def models_dir(model_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         shutil.copytree(component_folder(model_home, family), models / f"parts-{family}")
     quantized = component_folder(model_home, "flux1", fmt="gguf-q8_0", gguf_text=True)
     shutil.copytree(quantized, models / "parts-flux1-q8")
+    sd3_parts = models / "parts-sd3"
+    single_file(sd3_parts, models / "sd3-single.safetensors")
+    single_file(sd3_parts, models / "sd3-alone.safetensors", only_diffusion_model=True)
     untokenized = models / "parts-chroma-untokenized"
     shutil.copytree(models / "parts-chroma", untokenized)
     manifest = json.loads((untokenized / MANIFEST_NAME).read_text())
@@ -57,6 +61,8 @@ def server(model_home: Path, models_dir: Path) -> Iterator[ServerProcess]:
         model_home,
         "--models-dir",
         str(models_dir),
+        "--tokenizers",  # for the single files, which carry none
+        str(models_dir / "parts-sd3" / "tokenizers"),
         "--torch-threads",
         "1",
         env={"IMAGE_MAX_LOADED_MODELS": "4"},
@@ -138,6 +144,23 @@ def test_a_sampler_the_family_cannot_run_is_a_400(http: httpx.Client) -> None:
     error = response.json()["error"]
     assert error["details"]["field"] == "sampler"
     assert "euler" in error["message"]
+
+
+def test_a_comfyui_single_file_draws_the_folders_picture(http: httpx.Client) -> None:
+    listed = {model["id"]: model for model in http.get("/v1/models").json()["models"]}
+    assert (listed["sd3-single"]["format"], listed["sd3-single"]["architecture"]) == (
+        "safetensors",
+        "sd3",
+    )
+    folder = png_of(draw(http, {**SMALL, "model": "sd3"}))
+    single = png_of(draw(http, {**SMALL, "model": "sd3-single"}))
+    assert np.array_equal(pixels(single), pixels(folder))
+
+
+def test_a_single_file_of_the_diffusion_model_alone_asks_for_the_rest(http: httpx.Client) -> None:
+    job = draw(http, {**SMALL, "model": "sd3-alone"})
+    assert job["status"] == "error", job
+    assert "without its vae, clip_l, clip_g, t5xxl" in job["error"]["message"]
 
 
 def test_a_t5_without_a_tokenizer_fails_its_job_naming_the_role(http: httpx.Client) -> None:

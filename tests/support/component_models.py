@@ -91,3 +91,29 @@ def component_folder(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+# ComfyUI's prefixes for the parts of a single-file checkpoint (components.py reads them).
+_COMFY_PARTS = {
+    "diffusion_model": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "clip_l": "text_encoders.clip_l.transformer.",
+    "clip_g": "text_encoders.clip_g.transformer.",
+    "t5xxl": "text_encoders.t5xxl.transformer.",
+}
+
+
+def single_file(parts: Path, target: Path, *, only_diffusion_model: bool = False) -> Path:
+    """The .safetensors parts of a components folder merged into one ComfyUI-style
+    checkpoint, each under its prefix (or the diffusion model alone)."""
+    from safetensors.torch import load_file, save_file
+
+    manifest = json.loads((parts / MANIFEST_NAME).read_text())
+    merged = {}
+    for role, prefix in _COMFY_PARTS.items():
+        if role not in manifest or (only_diffusion_model and role != "diffusion_model"):
+            continue
+        tensors = load_file(str(parts / manifest[role]))
+        merged.update({prefix + name: tensor for name, tensor in tensors.items()})
+    save_file(merged, str(target))
+    return target
