@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from PIL import Image as PILImage
 from PIL import ImageFilter
 
+from diffusiond.backends.shared_pipeline import share_pipeline
 from diffusiond.images_in import read_image
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ def edit_pipeline(base: Any, architecture: str, edit: PreparedEdit, scheduler: A
 
     class_name = _CLASSES[(architecture == "sdxl", edit.inpaint)]
     pipeline_class = getattr(diffusers, class_name)
-    pipeline = pipeline_class.from_pipe(base, scheduler=scheduler)
+    pipeline = share_pipeline(pipeline_class, base, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

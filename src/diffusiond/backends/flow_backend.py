@@ -51,6 +51,7 @@ from diffusiond.backends.loras import PipelineLoras
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
 from diffusiond.backends.runtime import out_of_memory_named, prepare_thread, resolve_device
+from diffusiond.backends.shared_pipeline import share_pipeline
 from diffusiond.errors import ModelLoadError
 from diffusiond.jobs.models import Stage
 from diffusiond.memory import trim_heap
@@ -245,7 +246,7 @@ class FlowBackend:
         scheduler = make_flow_scheduler(
             spec.sampler, base.scheduler.config, generator, spec.scheduler
         )
-        pipeline = getattr(diffusers, class_name).from_pipe(base, scheduler=scheduler)
+        pipeline = share_pipeline(getattr(diffusers, class_name), base, scheduler=scheduler)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
