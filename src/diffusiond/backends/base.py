@@ -41,8 +41,8 @@ PreviewCallback = Callable[[int, "Image"], None]
 
 @dataclass(frozen=True)
 class BackendInfo:
-    """What /health reports: the default model (name, model, device, dtype, architecture)
-    and the ids of the models loaded now, the most recently used last."""
+    """What /health reports: the default model (name, model, device, dtype, architecture,
+    offload) and the ids of the models loaded now, the most recently used last."""
 
     name: str
     model: str
@@ -50,6 +50,7 @@ class BackendInfo:
     dtype: str
     architecture: str = "unknown"  # sd1, sd2, sdxl, or a flow family (families.py)
     models: tuple[str, ...] = ()
+    offload: str = "none"  # none, model or sequential: where the weights live (offload.py)
 
 
 @dataclass(frozen=True)

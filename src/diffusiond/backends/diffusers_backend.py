@@ -35,6 +35,7 @@ from diffusiond.backends.editing import (
 from diffusiond.backends.k_samplers import unconditional_capture
 from diffusiond.backends.lora_files import LoraCatalog
 from diffusiond.backends.loras import PipelineLoras
+from diffusiond.backends.offload import DEFAULT_PIXELS, Placement
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
 from diffusiond.backends.runtime import out_of_memory_named, prepare_thread, resolve_device
@@ -128,9 +129,12 @@ class DiffusersBackend:
         channels_last: bool = True,
         compile_model: bool = False,
         loras_dir: Path | None = None,
+        offload: str = "auto",
+        max_pixels: int = DEFAULT_PIXELS,
     ) -> None:
         share_one_malloc_arena()  # before the engine's workers start: see allocator.py
         self._model_path = model_path
+        self._placement = Placement(offload, max_pixels)
         self._channels_last = channels_last
         self._compile_model = compile_model
         self._model_config = model_config
@@ -170,6 +174,7 @@ class DiffusersBackend:
             device=self._device,
             dtype=self._dtype_name,
             architecture=self._architecture,
+            offload=self._placement.mode,
         )
 
     def _load(self) -> Any:
@@ -189,7 +194,7 @@ class DiffusersBackend:
             )
         else:
             pipeline = self._load_folder(path, dtype)
-        pipeline.to(self._device)
+        self._placement.place(pipeline, self._device)  # pipeline.to(device), or offloaded
         if self._channels_last:
             use_channels_last(pipeline)
         if self._compile_model:

@@ -39,6 +39,8 @@ def backend_for_model_path(path: Path | None, settings: Settings) -> Backend:
             device=settings.device,
             torch_threads=settings.torch_threads,
             dtype=settings.dtype,
+            offload=settings.offload,
+            max_pixels=settings.max_pixels,
         )
     from diffusiond.backends.diffusers_backend import DiffusersBackend, check_model_path
     from diffusiond.backends.lora_files import lora_folder
@@ -54,4 +56,6 @@ def backend_for_model_path(path: Path | None, settings: Settings) -> Backend:
         model_config=settings.model_config,
         compile_model=settings.compile,
         loras_dir=lora_folder(settings.models_dir, settings.loras_dir),
+        offload=settings.offload,
+        max_pixels=settings.max_pixels,
     )

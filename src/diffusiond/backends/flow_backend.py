@@ -41,6 +41,7 @@ from diffusiond.backends.families import (
     family_refusal,
     guidance_kwargs,
 )
+from diffusiond.backends.offload import DEFAULT_PIXELS, Placement
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
 from diffusiond.backends.runtime import out_of_memory_named, prepare_thread, resolve_device
@@ -118,10 +119,13 @@ class FlowBackend:
         device: str,
         torch_threads: int,
         dtype: str = "auto",
+        offload: str = "auto",
+        max_pixels: int = DEFAULT_PIXELS,
     ) -> None:
         share_one_malloc_arena()  # before the engine's workers start: see allocator.py
         self._model_path = model_path
         self._family = family
+        self._placement = Placement(offload, max_pixels)
         self._requested_device = device
         self._requested_dtype = dtype
         self._torch_threads = torch_threads
@@ -143,6 +147,7 @@ class FlowBackend:
             device=self._device,
             dtype=self._dtype_name,
             architecture=self._family.name,
+            offload=self._placement.mode,
         )
 
     def _load(self) -> Any:
@@ -158,7 +163,7 @@ class FlowBackend:
             )
         except Exception as exc:
             raise ModelLoadError(f"model path {path} could not be loaded: {exc}") from exc
-        pipeline.to(self._device)
+        self._placement.place(pipeline, self._device)  # pipeline.to(device), or offloaded
         pipeline.set_progress_bar_config(disable=True)
         trim_heap()
         return pipeline
