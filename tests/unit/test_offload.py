@@ -262,3 +262,42 @@ def test_health_reports_the_offload_with_the_key_only() -> None:
     short = health_body(engine, poll_interval_ms=500, max_batch=5, open_streams=0, full=False)
     assert "offload" not in short
     assert BackendInfo("n", "m", "cpu", "float32").offload == "none"
+
+
+# -- the real diffusers methods --------------------------------------------------------------
+
+
+def test_model_offload_through_real_hooks_draws_the_same_picture(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """diffusers' own enable_model_cpu_offload with the CPU as its execution device: the
+    hooks are installed and move each module as it runs, and the picture is unchanged."""
+    import warnings
+
+    import diffusers
+    import numpy as np
+
+    from tests.support.families import tiny_family_folder
+
+    folder = tiny_family_folder(tmp_path_factory.mktemp("offload"), "sd3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipeline = diffusers.StableDiffusion3Pipeline.from_pretrained(
+            str(folder), dtype=torch.float32, local_files_only=True
+        )
+    pipeline.set_progress_bar_config(disable=True)
+
+    def draw() -> Any:
+        generator = torch.Generator("cpu").manual_seed(7)
+        call = {"num_inference_steps": 2, "width": 64, "height": 64, "output_type": "np"}
+        return pipeline("a red cube", generator=generator, **call).images[0]
+
+    before = draw()
+    apply_offload(pipeline, "model", "cpu")
+    assert hasattr(pipeline.transformer, "_hf_hook")
+    assert len(pipeline._all_hooks) == len(torch_module_names(pipeline))
+    np.testing.assert_array_equal(draw(), before)
+
+
+def torch_module_names(pipeline: Any) -> list[str]:
+    return [name for name, c in pipeline.components.items() if isinstance(c, torch.nn.Module)]
