@@ -70,6 +70,7 @@ WORKER_FIELDS = frozenset(
         "max_loaded_models",
         "loras_dir",
         "device",
+        "offload",
         "backend",
         "home",
         "torch_threads",

@@ -42,6 +42,7 @@ class Settings:
     model: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
+    offload: str = "auto"  # CUDA only: none, model or sequential offload (backends/offload.py)
     model_config: Path | None = None
     # Split components (stable-diffusion.cpp's roles): together they are the default model.
     diffusion_model: Path | None = None
@@ -354,6 +355,15 @@ OPTIONS: tuple[Option, ...] = (
         _choice("auto", "float32", "bfloat16", "float16"),
         "auto, float32, bfloat16 or float16 (auto: bfloat16 on CPUs with native bf16, "
         "float16 on CUDA, float32 otherwise)",
+    ),
+    Option(
+        "offload",
+        "--offload",
+        "DIFFUSIOND_OFFLOAD",
+        _choice("auto", "none", "model", "sequential"),
+        "auto, none, model or sequential: on CUDA, keep the weights in host memory and move "
+        "each module (model) or each layer (sequential, slowest) to the GPU only while it "
+        "runs; auto picks from the GPU's free memory at load (ignored on the CPU)",
     ),
     Option(
         "backend",

@@ -59,6 +59,7 @@ def health_body(
         "device": info.device,
         "dtype": info.dtype,
         "architecture": info.architecture,
+        "offload": info.offload,
         "loadedModels": list(info.models),
         "components": dict(info.components),
         **engine.health_extra(),

@@ -41,8 +41,8 @@ PreviewCallback = Callable[[int, "Image"], None]
 
 @dataclass(frozen=True)
 class BackendInfo:
-    """What /health reports: the default model (name, model, device, dtype, architecture)
-    and the ids of the models loaded now, the most recently used last."""
+    """What /health reports: the default model (name, model, device, dtype, architecture,
+    offload) and the ids of the models loaded now, the most recently used last."""
 
     name: str
     model: str
@@ -51,6 +51,7 @@ class BackendInfo:
     architecture: str = "unknown"  # sd1, sd2, sdxl, or a flow family (families.py)
     models: tuple[str, ...] = ()
     components: tuple[tuple[str, str], ...] = ()  # (role, file name) of split components
+    offload: str = "none"  # none, model or sequential: where the weights live (offload.py)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from diffusiond.backends.editing import (
 from diffusiond.backends.k_samplers import unconditional_capture
 from diffusiond.backends.lora_files import LoraCatalog
 from diffusiond.backends.loras import PipelineLoras
+from diffusiond.backends.offload import DEFAULT_PIXELS, Placement
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
 from diffusiond.backends.runtime import out_of_memory_named, prepare_thread, resolve_device
@@ -128,9 +129,12 @@ class DiffusersBackend:
         channels_last: bool = True,
         compile_model: bool = False,
         loras_dir: Path | None = None,
+        offload: str = "auto",
+        max_pixels: int = DEFAULT_PIXELS,
     ) -> None:
         share_one_malloc_arena()  # before the engine's workers start: see allocator.py
         self._model_path = model_path
+        self._placement = Placement(offload, max_pixels)
         self._channels_last = channels_last
         self._compile_model = compile_model
         self._model_config = model_config
@@ -170,6 +174,7 @@ class DiffusersBackend:
             device=self._device,
             dtype=self._dtype_name,
             architecture=self._architecture,
+            offload=self._placement.mode,
         )
 
     def _load(self) -> Any:
@@ -189,7 +194,7 @@ class DiffusersBackend:
             )
         else:
             pipeline = self._load_folder(path, dtype)
-        pipeline.to(self._device)
+        self._placement.place(pipeline, self._device)  # pipeline.to(device), or offloaded
         if self._channels_last:
             use_channels_last(pipeline)
         if self._compile_model:
@@ -326,12 +331,18 @@ class DiffusersBackend:
             vae.to(torch.float32)
         latents = latents.to(vae.dtype) / vae.config.scaling_factor
         pixels = latents.shape[-1] * latents.shape[-2] * 64
-        if pixels > TILED_DECODE_PIXELS and hasattr(vae, "tiled_decode"):
+        tiled = pixels > TILED_DECODE_PIXELS and hasattr(vae, "enable_tiling")
+        if tiled:
             # In overlapping tiles of the VAE's own size: the decoder's activations grow
             # with the image, and past this size they would outweigh a half-precision model.
-            decoded = vae.tiled_decode(latents, return_dict=False)[0]
-        else:
+            # Through `decode` (which tiles when told to), not `tiled_decode`: CUDA offload
+            # hooks wrap `decode` only.
+            vae.enable_tiling()
+        try:
             decoded = vae.decode(latents, return_dict=False)[0]
+        finally:
+            if tiled:
+                vae.disable_tiling()
         del latents
         image: Image = pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
         return image

@@ -47,6 +47,8 @@ def backend_for_model_path(path: Path | None, settings: Settings) -> Backend:
             torch_threads=settings.torch_threads,
             dtype=settings.dtype,
             loras_dir=lora_folder(settings.models_dir, settings.loras_dir),
+            offload=settings.offload,
+            max_pixels=settings.max_pixels,
         )
     from diffusiond.backends.diffusers_backend import DiffusersBackend, check_model_path
 
@@ -61,6 +63,8 @@ def backend_for_model_path(path: Path | None, settings: Settings) -> Backend:
         model_config=settings.model_config,
         compile_model=settings.compile,
         loras_dir=lora_folder(settings.models_dir, settings.loras_dir),
+        offload=settings.offload,
+        max_pixels=settings.max_pixels,
     )
 
 
@@ -101,4 +105,6 @@ def backend_for_components(components: ComponentFiles, settings: Settings) -> Ba
         dtype=settings.dtype,
         components=components,
         loras_dir=lora_folder(settings.models_dir, settings.loras_dir),
+        offload=settings.offload,
+        max_pixels=settings.max_pixels,
     )

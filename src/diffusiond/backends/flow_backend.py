@@ -48,6 +48,7 @@ from diffusiond.backends.families import (
 )
 from diffusiond.backends.lora_files import LoraCatalog
 from diffusiond.backends.loras import PipelineLoras
+from diffusiond.backends.offload import DEFAULT_PIXELS, Placement
 from diffusiond.backends.precision import dtype_name, resolve_dtype
 from diffusiond.backends.previews import latents_to_preview
 from diffusiond.backends.runtime import out_of_memory_named, prepare_thread, resolve_device
@@ -131,11 +132,14 @@ class FlowBackend:
         dtype: str = "auto",
         components: ComponentFiles | None = None,
         loras_dir: Path | None = None,
+        offload: str = "auto",
+        max_pixels: int = DEFAULT_PIXELS,
     ) -> None:
         share_one_malloc_arena()  # before the engine's workers start: see allocator.py
         self._model_path = model_path
         self._components = components  # None: model_path is a diffusers folder
         self._family = family
+        self._placement = Placement(offload, max_pixels)
         self._requested_device = device
         self._requested_dtype = dtype
         self._torch_threads = torch_threads
@@ -166,6 +170,7 @@ class FlowBackend:
             dtype=self._dtype_name,
             architecture=self._family.name,
             components=tuple(self._components.names.items()) if self._components else (),
+            offload=self._placement.mode,
         )
 
     def _load(self) -> Any:
@@ -186,7 +191,7 @@ class FlowBackend:
             raise
         except Exception as exc:
             raise ModelLoadError(f"model path {path} could not be loaded: {exc}") from exc
-        pipeline.to(self._device)
+        self._placement.place(pipeline, self._device)  # pipeline.to(device), or offloaded
         pipeline.set_progress_bar_config(disable=True)
         trim_heap()
         return pipeline

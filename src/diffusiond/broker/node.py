@@ -74,6 +74,7 @@ _WORKER_FIELDS = (
     "architecture",
     "models",
     "components",
+    "offload",
 )
 
 
@@ -252,6 +253,7 @@ class BrokerEngine(Admission):
                     str(worker.get("architecture", "unknown")),
                     models=tuple(loaded),
                     components=_components(worker.get("components")),
+                    offload=str(worker.get("offload", "none")),
                 )
         return BackendInfo("none", "no worker connected", "-", "-")
 

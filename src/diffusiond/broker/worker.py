@@ -153,6 +153,7 @@ class WorkerRuntime:
             architecture=info.architecture,
             models=list(info.models),
             components=dict(info.components),
+            offload=info.offload,
         )
         print("diffusiond: worker ready", flush=True)
 
