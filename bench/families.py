@@ -7,8 +7,11 @@ progress reports; it reads its peak RSS (ru_maxrss) at the end. One torch thread
 
 These models are a few hundred thousand parameters: the numbers measure the pipeline's
 overhead per step on this machine (text encoders, packing, schedulers), not a real model.
+`--source` loads the same weights from a diffusers folder (`folder`), from split component
+files (`components`, tests/support/component_models.py) or with a Q8_0 GGUF diffusion
+model (`gguf-q8_0`).
 
-    python bench/families.py [--families flux1,sd3] [--size 512] [--steps 8]
+    python bench/families.py [--families flux1,sd3] [--size 512] [--steps 8] [--source folder]
 """
 
 from __future__ import annotations
@@ -29,12 +32,16 @@ if __package__ in (None, ""):  # run as `python bench/families.py`
 from bench._server import DEFAULT_HOME, ROOT, fmt, print_table
 
 
-def measure(family: str, home: Path, size: int, steps: int, images: int) -> dict[str, Any]:
+def measure(
+    family: str, home: Path, size: int, steps: int, images: int, *, source: str
+) -> dict[str, Any]:
     """In this process: the tiny model's load time, step times and peak RSS."""
     import torch
+    from tests.support.component_models import component_folder
     from tests.support.families import tiny_family_folder
 
     from diffusiond.backends.base import ImageSpec
+    from diffusiond.backends.components import read_manifest
     from diffusiond.backends.families import FAMILIES
     from diffusiond.backends.flow_backend import FlowBackend
     from diffusiond.jobs.models import Stage
@@ -42,8 +49,18 @@ def measure(family: str, home: Path, size: int, steps: int, images: int) -> dict
     torch.set_num_threads(1)
     home.mkdir(parents=True, exist_ok=True)
     folder = tiny_family_folder(home, family)
+    components = None
+    if source != "folder":
+        fmt = "safetensors" if source == "components" else source
+        components = read_manifest(component_folder(home, family, fmt=fmt))
     started = time.perf_counter()
-    backend = FlowBackend(model_path=folder, family=FAMILIES[family], device="cpu", torch_threads=1)
+    backend = FlowBackend(
+        model_path=folder,
+        family=FAMILIES[family],
+        device="cpu",
+        torch_threads=1,
+        components=components,
+    )
     backend.load()
     load_s = time.perf_counter() - started
     step_times: list[float] = []
@@ -87,17 +104,20 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--source", choices=("folder", "components", "gguf-q8_0"), default="folder")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = measure(args.child, args.home, args.size, args.steps, args.images)
+        result = measure(
+            args.child, args.home, args.size, args.steps, args.images, source=args.source
+        )
         print(json.dumps(result))
         return
     rows = []
     for family in args.families.split(","):
         command = [sys.executable, __file__, "--child", family, "--home", str(args.home)]
         command += ["--size", str(args.size), "--steps", str(args.steps)]
-        command += ["--images", str(args.images)]
+        command += ["--images", str(args.images), "--source", args.source]
         finished = subprocess.run(
             command, capture_output=True, text=True, cwd=ROOT, check=True, timeout=900
         )
@@ -112,7 +132,7 @@ def main() -> None:
                 fmt(result["peak_rss_mb"], 0),
             ]
         )
-    print(f"{args.size}x{args.size}, {args.steps} steps, euler, 1 torch thread")
+    print(f"{args.size}x{args.size}, {args.steps} steps, euler, 1 torch thread, {args.source}")
     print_table(["family", "dtype", "load s", "step ms", "image s", "peak RSS MB"], rows)
 
 
