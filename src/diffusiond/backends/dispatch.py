@@ -101,4 +101,5 @@ def backend_for_components(components: ComponentFiles, settings: Settings) -> Ba
         dtype=settings.dtype,
         components=components,
         loras_dir=lora_folder(settings.models_dir, settings.loras_dir),
+        gguf_weights=settings.gguf_weights,
     )
