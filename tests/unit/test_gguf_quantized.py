@@ -167,3 +167,34 @@ def test_gguf_weights_setting() -> None:
     assert load_settings(env, {"gguf_weights": "quantized"}).gguf_weights == "quantized"
     with pytest.raises(SettingsError, match="GGUF_WEIGHTS"):
         load_settings({"DIFFUSIOND_GGUF_WEIGHTS": "q4"}, {})
+
+
+def test_build_pipeline_keeps_them_only_when_asked(tmp_path: Path) -> None:
+    """The FLUX.1 pipeline from components (a Q8_0 diffusion model): `quantized` puts
+    GGUFLinears in its transformer and draws the dequantized pipeline's picture within
+    the tolerance; the default puts none."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    from diffusiond.backends.component_pipeline import build_pipeline
+    from diffusiond.backends.components import read_manifest
+    from tests.support.component_models import component_folder
+
+    components = read_manifest(component_folder(tmp_path, "flux1", fmt="gguf-q8_0"))
+    pictures = []
+    for keyword in ({}, {"gguf_weights": "quantized"}):
+        pipeline = build_pipeline(components, torch.float32, **keyword)
+        pipeline.set_progress_bar_config(disable=True)
+        kept = sum(isinstance(m, GGUFLinear) for m in pipeline.transformer.modules())
+        assert (kept > 0) is bool(keyword)
+        generator = torch.Generator().manual_seed(1)
+        pictures.append(
+            pipeline(
+                prompt="a cat",
+                num_inference_steps=2,
+                height=64,
+                width=64,
+                generator=generator,
+                output_type="pt",
+            ).images
+        )
+    assert (pictures[0] - pictures[1]).abs().max().item() <= _TOLERANCE
