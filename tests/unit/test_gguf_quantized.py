@@ -198,3 +198,25 @@ def test_build_pipeline_keeps_them_only_when_asked(tmp_path: Path) -> None:
             ).images
         )
     assert (pictures[0] - pictures[1]).abs().max().item() <= _TOLERANCE
+
+
+def test_a_kept_tensor_of_the_wrong_shape_names_it(tmp_path: Path) -> None:
+    """Shapes are checked as the values' (not the blocks' bytes): a Q8_0 weight one block
+    too wide is a ModelLoadError naming the file, the tensor and both shapes."""
+    from gguf.constants import GGMLQuantizationType
+
+    from diffusiond.errors import ModelLoadError
+
+    tensors = mmdit_layout.original_layout("sd3", _module("sd3"))
+    name = "joint_blocks.0.x_block.attn.proj.weight"
+    rows, columns = tensors[name].shape
+    tensors[name] = torch.zeros(rows, columns + 32)
+    path = tmp_path / "wide.gguf"
+    mmdit_layout.write_gguf(path, "sd3", tensors, GGMLQuantizationType.Q8_0)
+    with pytest.raises(ModelLoadError) as caught:
+        _load(path, "sd3", keep=True)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "transformer_blocks.0.attn.to_out.0.weight" in message
+    assert f"({rows}, {columns + 32})" in message
+    assert f"({rows}, {columns})" in message
