@@ -1,5 +1,5 @@
 """A GGUF diffusion model read with its quantized linear weights kept (--gguf-weights):
-tiny FLUX.1 and Z-Image / SD 3 transformers written as city96-style Q8_0 files, loaded both
+each flow family's tiny transformer written as city96-style Q8_0 files, loaded both
 ways. Kept, every Linear whose file tensor is Q8_0 is diffusers' GGUFLinear over a
 GGUFParameter (raw blocks, not dense values) and the output is the dequantized load's
 within the rounding of diffusers' Q8_0 dequantizer (it multiplies in float16, the gguf
@@ -34,19 +34,20 @@ from tests.unit import test_transformer_mmdit as mmdit_tests
 # Largest |difference| between the two loads' outputs (values of order 1): a float16
 # product of the block's scale and an int8 is within 2**-11 of the float32 one.
 _TOLERANCE = 2e-3
-_FAMILIES = ("flux1", "zimage", "sd3")
+_FLUX_LAYOUT = ("flux1", "chroma", "flux2")
+_FAMILIES = (*_FLUX_LAYOUT, "zimage", "sd3", "qwenimage")
 
 
 @functools.cache
 def _module(family: str) -> Any:
     torch.set_num_threads(1)
-    if family == "flux1":
-        return flux_layout.tiny_transformer("flux1")
+    if family in _FLUX_LAYOUT:
+        return flux_layout.tiny_transformer(family)
     return mmdit_layout.tiny_transformer(family)
 
 
 def _written(folder: Path, family: str) -> Path:
-    writer = flux_layout if family == "flux1" else mmdit_layout
+    writer = flux_layout if family in _FLUX_LAYOUT else mmdit_layout
     path = folder / f"{family}-q8_0.gguf"
     written: Path = writer.write_diffusion_model(path, family, _module(family), "gguf-q8_0")
     return written
@@ -55,14 +56,14 @@ def _written(folder: Path, family: str) -> Path:
 def _load(path: Path, family: str, *, keep: bool) -> Any:
     dtype = torch.float32
     tensors = read_component(path, dtype, keep_quantized=keep)
-    loader = load_flux_layout if family == "flux1" else load_mmdit_layout
+    loader = load_flux_layout if family in _FLUX_LAYOUT else load_mmdit_layout
     return loader(family, tensors, dtype, path)
 
 
 def _output(module: Any, family: str) -> torch.Tensor:
-    if family == "flux1":
+    if family in _FLUX_LAYOUT:
         with torch.no_grad():
-            out: torch.Tensor = module(**flux_tests._inputs("flux1", module))[0]
+            out: torch.Tensor = module(**flux_tests._inputs(family, module))[0]
         return out
     return mmdit_tests._output(module, family)
 
