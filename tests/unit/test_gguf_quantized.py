@@ -129,6 +129,10 @@ def test_dequantized_size_counts_the_quantized_tensors(tmp_path: Path) -> None:
     safetensors = tmp_path / "model.safetensors"
     assert dequantized_size(safetensors, torch.bfloat16) == 0  # not opened: not a GGUF
     assert not choose("quantized", safetensors, torch.bfloat16)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all")
+    assert dequantized_size(garbage, torch.bfloat16) == 0  # read_component names the fault
+    assert not choose("quantized", garbage, torch.bfloat16)
 
 
 @pytest.mark.parametrize(

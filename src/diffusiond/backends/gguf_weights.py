@@ -60,13 +60,23 @@ def available_memory(meminfo: Path = _MEMINFO) -> int | None:
 
 def dequantized_size(path: Path, dtype: torch.dtype) -> int:
     """Bytes the quantized tensors of the GGUF `path` take dequantized to `dtype`; 0 when
-    it has none (or it is no GGUF: nothing to keep)."""
-    from diffusiond.backends.gguf_file import GGUF_SUFFIX, QUANTIZED_TYPES, GgufFile
+    it has none, is no GGUF or cannot be read (the reader then says what is wrong with it,
+    naming it)."""
+    from diffusiond.backends.gguf_file import (
+        GGUF_SUFFIX,
+        QUANTIZED_TYPES,
+        GgufFile,
+        GgufFormatError,
+    )
 
     if path.suffix.lower() != GGUF_SUFFIX:
         return 0
+    try:
+        index = GgufFile(path).tensors
+    except (GgufFormatError, OSError):
+        return 0
     size = torch.empty((), dtype=dtype).element_size()
-    quantized = [t for t in GgufFile(path).tensors.values() if t.kind in QUANTIZED_TYPES]
+    quantized = [t for t in index.values() if t.kind in QUANTIZED_TYPES]
     return sum(_count(t.shape) * size for t in quantized)
 
 
