@@ -71,6 +71,7 @@ WORKER_FIELDS = frozenset(
         "loras_dir",
         "device",
         "offload",
+        "gguf_weights",
         "backend",
         "home",
         "torch_threads",

@@ -52,6 +52,7 @@ class Settings:
     t5xxl: Path | None = None
     llm: Path | None = None
     tokenizers: Path | None = None  # tokenizer folders by role, for files that carry none
+    gguf_weights: str = "auto"  # a GGUF diffusion model's quantized weights: kept or not
     models_dir: Path | None = None  # every model folder / checkpoint file in it is a model
     loras_dir: Path | None = None  # None: models_dir/loras
     max_loaded_models: int = 1
@@ -315,6 +316,18 @@ OPTIONS: tuple[Option, ...] = (
         "a folder of Hugging Face tokenizer folders by role (t5xxl/, llm/, ...) for component "
         "files that carry no tokenizer",
         shown_default="none",
+    ),
+    Option(
+        "gguf_weights",
+        "--gguf-weights",
+        "DIFFUSIOND_GGUF_WEIGHTS",
+        _choice("auto", "dequantize", "quantized"),
+        "a GGUF diffusion model's quantized linear weights (FLUX.1, FLUX.2 klein, SD 3.x, "
+        "Z-Image, Qwen-Image, Chroma): dequantize (to the compute dtype at load: fastest), "
+        "quantized (kept as their blocks and dequantized at every use: a Q8_0 FLUX.1 takes "
+        "about 12 GB instead of 23 GB in bfloat16, a Q4_0 about 7 GB, but its steps are "
+        "2.5-4x slower on CPU) or auto (quantized only when the dequantized model would take "
+        "over half the memory available at load)",
     ),
     Option(
         "models_dir",

@@ -81,17 +81,25 @@ def refuse_variant(family: str, config: Any, path: Path) -> None:
         )
 
 
-def build_pipeline(components: ComponentFiles, dtype: torch.dtype) -> Any:
-    """The family's text-to-image pipeline over the modules built from `components`."""
+def build_pipeline(
+    components: ComponentFiles, dtype: torch.dtype, *, gguf_weights: str = "dequantize"
+) -> Any:
+    """The family's text-to-image pipeline over the modules built from `components`; a
+    GGUF diffusion model's quantized linear weights kept quantized as `gguf_weights` says
+    (gguf_weights.py)."""
     import diffusers
 
     from diffusiond.backends.component_encoders import load_text_encoder, load_vae
     from diffusiond.backends.component_transformer import load_transformer
+    from diffusiond.backends.gguf_weights import choose
 
     family = components.family
     files = components.files
     prefixes = components.prefixes
-    diffusion = read_component(files["diffusion_model"], dtype, prefixes.get("diffusion_model", ""))
+    keep = choose(gguf_weights, files["diffusion_model"], dtype)
+    diffusion = read_component(
+        files["diffusion_model"], dtype, prefixes.get("diffusion_model", ""), keep_quantized=keep
+    )
     transformer = load_transformer(family, diffusion, dtype, files["diffusion_model"])
     del diffusion  # the loader took what it needed
     refuse_variant(family, transformer.config, files["diffusion_model"])

@@ -17,9 +17,12 @@ import torch
 from diffusiond.errors import ModelLoadError
 
 
-def read_component(path: Path, dtype: torch.dtype, prefix: str = "") -> dict[str, torch.Tensor]:
+def read_component(
+    path: Path, dtype: torch.dtype, prefix: str = "", *, keep_quantized: bool = False
+) -> dict[str, torch.Tensor]:
     """Every tensor of a .safetensors or .gguf file (those under `prefix`, with it
-    stripped, when one is given), floating-point ones in `dtype`."""
+    stripped, when one is given), floating-point ones in `dtype`; with `keep_quantized`, a
+    GGUF's quantized tensors as their raw blocks (diffusers' GGUFParameter)."""
     from diffusiond.backends.gguf_file import GgufFile, GgufFormatError
     from diffusiond.backends.single_file import SafetensorsFile
 
@@ -27,7 +30,12 @@ def read_component(path: Path, dtype: torch.dtype, prefix: str = "") -> dict[str
         source: Any = GgufFile(path) if path.suffix.lower() == ".gguf" else SafetensorsFile(path)
         index = source.tensors if isinstance(source, GgufFile) else source.entries
         names = [name for name in index if name.startswith(prefix)]
-        tensors: dict[str, torch.Tensor] = source.read(names, dtype)
+        if isinstance(source, GgufFile):
+            tensors: dict[str, torch.Tensor] = source.read(
+                names, dtype, keep_quantized=keep_quantized
+            )
+        else:
+            tensors = source.read(names, dtype)
     except (GgufFormatError, OSError, ValueError) as exc:
         raise ModelLoadError(f"component file {path} cannot be read: {exc}") from exc
     return {name[len(prefix) :]: tensor for name, tensor in tensors.items()}

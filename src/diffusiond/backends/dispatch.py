@@ -107,4 +107,5 @@ def backend_for_components(components: ComponentFiles, settings: Settings) -> Ba
         loras_dir=lora_folder(settings.models_dir, settings.loras_dir),
         offload=settings.offload,
         max_pixels=settings.max_pixels,
+        gguf_weights=settings.gguf_weights,
     )

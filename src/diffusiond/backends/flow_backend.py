@@ -134,10 +134,12 @@ class FlowBackend:
         loras_dir: Path | None = None,
         offload: str = "auto",
         max_pixels: int = DEFAULT_PIXELS,
+        gguf_weights: str = "dequantize",
     ) -> None:
         share_one_malloc_arena()  # before the engine's workers start: see allocator.py
         self._model_path = model_path
         self._components = components  # None: model_path is a diffusers folder
+        self._gguf_weights = gguf_weights  # a GGUF diffusion model's: settings.gguf_weights
         self._family = family
         self._placement = Placement(offload, max_pixels)
         self._requested_device = device
@@ -182,7 +184,7 @@ class FlowBackend:
         path = self._model_path
         try:
             if self._components is not None:
-                pipeline = build_pipeline(self._components, dtype)
+                pipeline = build_pipeline(self._components, dtype, gguf_weights=self._gguf_weights)
             else:
                 pipeline = getattr(diffusers, self._family.pipeline).from_pretrained(
                     str(path), dtype=dtype, local_files_only=True, low_cpu_mem_usage=True

@@ -205,8 +205,11 @@ class GgufFile:
         kind, offset = header.u32(), header.u64()
         return name, tuple(reversed(dims)), kind, offset
 
-    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The named tensors, floating-point ones (and every quantized one) in `dtype`."""
+    def read(
+        self, names: list[str], dtype: torch.dtype, *, keep_quantized: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The named tensors, floating-point ones (and every quantized one) in `dtype`; with
+        `keep_quantized`, the quantized ones as their raw blocks (`quantized_blocks`)."""
         out: dict[str, torch.Tensor] = {}
         with self.path.open("rb", buffering=0) as file:
             for name in names:
@@ -215,7 +218,10 @@ class GgufFile:
                 file.seek(tensor.start)
                 if file.readinto(buffer) != tensor.size:
                     raise GgufFormatError(f"tensor {name} is cut short (truncated file?)")
-                out[name] = _decode(buffer, tensor, dtype)
+                if keep_quantized and tensor.kind in QUANTIZED_TYPES:
+                    out[name] = quantized_blocks(buffer, tensor)
+                else:
+                    out[name] = _decode(buffer, tensor, dtype)
         return out
 
 
@@ -255,6 +261,16 @@ def _decode(buffer: bytearray, tensor: GgufTensor, dtype: torch.dtype) -> torch.
     rows = np.frombuffer(buffer, dtype=np.uint8).reshape(*tensor.shape[:-1], -1)
     floats = torch.from_numpy(dequantize(rows, tensor.kind))
     return floats.reshape(tensor.shape).to(dtype)
+
+
+def quantized_blocks(buffer: bytearray, tensor: GgufTensor) -> torch.Tensor:
+    """A quantized tensor's bytes as diffusers' GGUFParameter: one row of blocks per row
+    of values (shape (..., bytes per row)), its type with it, dequantized where used."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    rows = torch.frombuffer(buffer, dtype=torch.uint8).reshape(*tensor.shape[:-1], -1)
+    blocks: torch.Tensor = GGUFParameter(rows, quant_type=tensor.kind)
+    return blocks
 
 
 def open_gguf(path: Path, unet_prefix: str) -> GgufFile:

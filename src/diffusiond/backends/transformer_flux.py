@@ -31,6 +31,12 @@ from typing import Any
 import torch
 
 from diffusiond.backends.components import COMFY_PREFIX, detect_family
+from diffusiond.backends.gguf_weights import (
+    is_quantized,
+    shapes_of,
+    use_quantized_linears,
+    value_shape,
+)
 from diffusiond.errors import ModelLoadError
 
 # The single-block widths diffusers' FLUX.1 and Chroma converters cut linear1 by.
@@ -74,7 +80,7 @@ def load_flux_layout(
         raise ModelLoadError(f"diffusion model {path}: its tensors are {what}, not {family}")
     converted = _converted(layout, original, path)
     try:
-        config = layout.config(converted)
+        config = layout.config(shapes_of(converted))
     except KeyError as exc:
         raise ModelLoadError(
             f"diffusion model {path}: tensor {exc.args[0]} (diffusers' name) is missing"
@@ -170,10 +176,10 @@ def _built(
                 f"diffusion model {path}: unexpected tensor {name} (diffusers' name) for "
                 f"a {layout.module_class}"
             )
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+        if value_shape(tensor) != tuple(expected[name].shape):
             raise ModelLoadError(
                 f"diffusion model {path}: tensor {name} (diffusers' name) has shape "
-                f"{tuple(tensor.shape)}, the model's config {tuple(expected[name].shape)}"
+                f"{value_shape(tensor)}, the model's config {tuple(expected[name].shape)}"
             )
     missing = [name for name in expected if name not in converted]
     if missing:
@@ -181,8 +187,10 @@ def _built(
             f"diffusion model {path}: tensor {missing[0]} (diffusers' name) is missing "
             f"({len(missing)} in all)"
         )
+    use_quantized_linears(module, converted, dtype)  # a GGUF's kept blocks, where read so
     for name, tensor in converted.items():  # one at a time, where a caller mixed dtypes
-        converted[name] = tensor.to(dtype)
+        if not is_quantized(tensor):
+            converted[name] = tensor.to(dtype)
     module.load_state_dict(converted, strict=True, assign=True)
     return module.eval()
 

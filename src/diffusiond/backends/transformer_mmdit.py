@@ -31,6 +31,7 @@ import torch
 
 from diffusiond.backends.components import COMFY_PREFIX, detect_family
 from diffusiond.backends.families import FAMILIES
+from diffusiond.backends.gguf_weights import use_quantized_linears, value_shape
 from diffusiond.errors import ModelLoadError
 
 _CLASSES = {
@@ -54,7 +55,7 @@ class _Tensors:
         tensor = self.tensors.get(name)
         if tensor is None:
             raise self.error(f"tensor {self.named(name)} is missing")
-        return tuple(tensor.shape)
+        return value_shape(tensor)  # a GGUF's kept blocks: the values' shape
 
     def named(self, name: str) -> str:
         """A converted tensor's name for a message (Qwen-Image's are the file's own)."""
@@ -291,6 +292,7 @@ def _build(family: str, config: dict[str, Any], t: _Tensors, dtype: torch.dtype)
     except (AssertionError, ValueError, TypeError) as exc:  # the classes assert their shapes
         raise t.error(f"no model has these tensors' shapes ({config}): {exc}") from None
     _check_tensors(module.state_dict(), t)
+    use_quantized_linears(module, t.tensors, dtype)  # a GGUF's kept blocks, where read so
     for name, tensor in t.tensors.items():  # a no-op (no copy) for tensors already in dtype
         if tensor.is_floating_point():
             t.tensors[name] = tensor.to(dtype)
@@ -310,10 +312,10 @@ def _check_tensors(expected: dict[str, torch.Tensor], t: _Tensors) -> None:
     if unexpected:
         raise t.error(f"tensor {t.named(unexpected[0])} is no part of the model")
     for name, want in expected.items():
-        got = t.tensors[name]
-        if got.shape != want.shape:
+        got = value_shape(t.tensors[name])
+        if got != tuple(want.shape):
             raise t.error(
-                f"tensor {t.named(name)} has shape {tuple(got.shape)}, "
+                f"tensor {t.named(name)} has shape {got}, "
                 f"not {tuple(want.shape)} as the others' shapes imply"
             )
 
