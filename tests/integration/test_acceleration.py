@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +102,44 @@ def test_a_compiled_server_serves_an_image_and_caches_under_its_home(model_home:
         assert server.stop() == 0, server.text()
     cached = list(inductor_cache_dir(model_home).rglob("*"))
     assert any(path.is_file() for path in cached)
+
+
+# In a child process (the setting is process-wide): the bytes glibc holds in mmap'ed
+# chunks (mallinfo2's hblkhd) grow by a fresh 64 MB tensor unless large blocks come
+# from the heap; "load" loads the built-in model on the CPU first.
+MAPPED_BYTES_OF_A_LARGE_TENSOR = """
+import ctypes, ctypes.util, sys
+from pathlib import Path
+import torch
+from diffusiond.backends.diffusers_backend import DiffusersBackend
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd "
+                "usmblks fsmblks uordblks fordblks keepcost".split()]
+
+mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+mallinfo2.restype = MallInfo2
+if sys.argv[1] == "load":
+    DiffusersBackend(model_path=None, home=Path(sys.argv[2]), device="cpu",
+                     torch_threads=1, dtype="bfloat16").load()
+before = mallinfo2().hblkhd
+tensor = torch.empty(64 << 20, dtype=torch.uint8)
+print(mallinfo2().hblkhd - before)
+"""
+
+
+def _mapped_bytes(home: Path, mode: str) -> int:
+    command = [sys.executable, "-c", MAPPED_BYTES_OF_A_LARGE_TENSOR, mode, str(home)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None,
+    reason="glibc's malloc",
+)
+def test_a_loaded_cpu_backend_reuses_large_blocks_instead_of_mapping_them(
+    model_home: Path,
+) -> None:
+    assert _mapped_bytes(model_home, "bare") >= 64 << 20  # glibc's default: mapped afresh
+    assert _mapped_bytes(model_home, "load") == 0

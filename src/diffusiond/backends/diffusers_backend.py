@@ -13,7 +13,11 @@ import diffusers
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from diffusiond.backends.acceleration import compile_pipeline, use_channels_last
+from diffusiond.backends.acceleration import (
+    compile_pipeline,
+    reuse_large_blocks,
+    use_channels_last,
+)
 from diffusiond.backends.allocator import share_one_malloc_arena
 from diffusiond.backends.base import (
     BackendInfo,
@@ -200,6 +204,8 @@ class DiffusersBackend:
         if self._compile_model:
             compile_pipeline(pipeline, self._home)
         pipeline.set_progress_bar_config(disable=True)
+        if self._device == "cpu":
+            reuse_large_blocks()  # after the load: see acceleration.py
         trim_heap()
         return pipeline
 
@@ -330,6 +336,10 @@ class DiffusersBackend:
             # SD's VAE overflows in float16 (diffusers upcasts it the same way).
             vae.to(torch.float32)
         latents = latents.to(vae.dtype) / vae.config.scaling_factor
+        # The diffusion's freed activations go back to the OS before the decode's larger
+        # ones are allocated: kept in the heap (acceleration.reuse_large_blocks) they would
+        # add to the decode's peak (3.37 -> 3.18 GB at 512x512 bf16, the same image).
+        trim_heap()
         pixels = latents.shape[-1] * latents.shape[-2] * 64
         tiled = pixels > TILED_DECODE_PIXELS and hasattr(vae, "enable_tiling")
         if tiled:
