@@ -12,7 +12,7 @@ changed dimensions dynamic and compile once more, after which any size reuses th
 The compiled code is kept in inductor's caches under DIFFUSIOND_HOME, so a restart loads
 it instead of compiling again.
 
-On the CPU, large blocks are kept in the heap for reuse (`reuse_large_blocks`): glibc
+On the CPU, large blocks are kept in the heap for reuse (`allocator.reuse_large_blocks`): glibc
 otherwise maps every allocation over 32 MB afresh and unmaps it when freed, and the
 512x512 decode's activations (64-256 MB each) were faulted in from zeroed pages ~890
 thousand times per decode, and unmapped under the other OpenMP thread (a TLB shootdown each
@@ -21,8 +21,6 @@ time). Keeping them halves the decode on 2 threads: bench/vs_diffusers.py.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 from pathlib import Path
@@ -52,35 +50,6 @@ def conv_weights_channels_last(module: torch.nn.Module) -> bool:
     return bool(weights) and all(
         w.is_contiguous(memory_format=torch.channels_last) for w in weights
     )
-
-
-# glibc's malloc.h
-M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
-# Free memory at the heap's top kept, not returned at once: a decode's largest activations
-# (the engine trims the heap after each job: memory.trim_heap).
-HEAP_TOP_KEPT = 1 << 30
-
-
-def reuse_large_blocks() -> bool:
-    """Serve large allocations from the heap, reusing freed ones; False where not glibc.
-
-    Measured on the SD 1.5-shaped 512x512 bfloat16 decode, channels-last, in one process
-    alternating both ways: 4.3 s -> 2.1 s on 2 threads, 4.4 s -> 3.0 s on one; page faults
-    890 thousand -> under 10 thousand. A UNet step barely changes (its tensors are small).
-    Process-wide: call once the model is loaded (its reads are freed and trimmed as before).
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    # No mmap'ed chunks at all: glibc still falls back to mmap when the heap cannot grow.
-    reused = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_TOP_KEPT))
-    log.debug("large blocks reused from the heap: %s", reused)
-    return reused
 
 
 def inductor_cache_dir(home: Path) -> Path:

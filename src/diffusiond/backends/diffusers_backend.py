@@ -13,12 +13,8 @@ import diffusers
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from diffusiond.backends.acceleration import (
-    compile_pipeline,
-    reuse_large_blocks,
-    use_channels_last,
-)
-from diffusiond.backends.allocator import share_one_malloc_arena
+from diffusiond.backends.acceleration import compile_pipeline, use_channels_last
+from diffusiond.backends.allocator import reuse_large_blocks, share_one_malloc_arena
 from diffusiond.backends.base import (
     BackendInfo,
     CancelCheck,
@@ -205,7 +201,7 @@ class DiffusersBackend:
             compile_pipeline(pipeline, self._home)
         pipeline.set_progress_bar_config(disable=True)
         if self._device == "cpu":
-            reuse_large_blocks()  # after the load: see acceleration.py
+            reuse_large_blocks()  # after the load: see allocator.py
         trim_heap()
         return pipeline
 
@@ -337,7 +333,7 @@ class DiffusersBackend:
             vae.to(torch.float32)
         latents = latents.to(vae.dtype) / vae.config.scaling_factor
         # The diffusion's freed activations go back to the OS before the decode's larger
-        # ones are allocated: kept in the heap (acceleration.reuse_large_blocks) they would
+        # ones are allocated: kept in the heap (allocator.reuse_large_blocks) they would
         # add to the decode's peak (3.37 -> 3.18 GB at 512x512 bf16, the same image).
         trim_heap()
         pixels = latents.shape[-1] * latents.shape[-2] * 64

@@ -26,7 +26,7 @@ import diffusers
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from diffusiond.backends.allocator import share_one_malloc_arena
+from diffusiond.backends.allocator import reuse_large_blocks, share_one_malloc_arena
 from diffusiond.backends.base import (
     BackendInfo,
     CancelCheck,
@@ -194,6 +194,8 @@ class FlowBackend:
         except Exception as exc:
             raise ModelLoadError(f"model path {path} could not be loaded: {exc}") from exc
         self._placement.place(pipeline, self._device)  # pipeline.to(device), or offloaded
+        if self._device == "cpu":
+            reuse_large_blocks()  # after the load, as the SD backend: see allocator.py
         pipeline.set_progress_bar_config(disable=True)
         trim_heap()
         return pipeline
@@ -323,4 +325,7 @@ class _StepReporter:
             self._on_preview(step, latents_to_preview(grid))
         if index + 1 >= timesteps:
             self._on_stage(Stage.DECODING, 0, 1)
+            # The steps' freed blocks go back before the decode's larger ones are taken
+            # (kept in the heap, allocator.reuse_large_blocks, they would add up).
+            trim_heap()
         return tensors
