@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,65 @@ CONV_MODULES = ("unet", "vae")
 
 
 def use_channels_last(pipeline: Any) -> None:
-    """Store the 4-d weights of the pipeline's UNet and VAE channels-last, in place."""
+    """Store the 4-d weights of the pipeline's UNet and VAE channels-last, in place, and
+    keep the UNet's attention blocks' outputs channels-last too."""
     for name in CONV_MODULES:
         module = getattr(pipeline, name, None)
         if isinstance(module, torch.nn.Module):
             for weight in module.parameters():
                 if weight.dim() == 4:  # convolutions' (out, in, kh, kw)
                     weight.data = weight.data.contiguous(memory_format=torch.channels_last)
+    unet = getattr(pipeline, "unet", None)
+    if isinstance(unet, torch.nn.Module):
+        keep_attention_outputs_channels_last(unet)
+
+
+def keep_attention_outputs_channels_last(unet: torch.nn.Module) -> int:
+    """Each of the UNet's attention blocks (diffusers' Transformer2DModel) hands its output
+    on as it is, channels-last, instead of copying it to contiguous first; the number of
+    blocks changed.
+
+    The block reads a channels-last input as tokens for free (its permute is a view), but
+    ends with `.permute(0, 3, 1, 2).contiguous()`: a copy to NCHW, which the next
+    channels-last convolution reorders back, and a residual add of two layouts. Without the
+    copy the permuted tensor is channels-last already. Measured on the SD 1.5-shaped UNet, a
+    CFG step at 512x512 in bfloat16 on 2 threads, alternating in one process: 2.17 s
+    channels-last weights only, 1.87 s with this, 2.20 s plain (the same output within
+    bfloat16 rounding). It replaces a private method of diffusers' class on each instance;
+    where a diffusers version lacks it, nothing is changed.
+    """
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    changed = 0
+    for module in unet.modules():
+        if isinstance(module, Transformer2DModel) and hasattr(
+            module, "_get_output_for_continuous_inputs"
+        ):
+            module._get_output_for_continuous_inputs = types.MethodType(
+                _channels_last_output, module
+            )
+            changed += 1
+    return changed
+
+
+def _channels_last_output(  # noqa: PLR0917 -- diffusers calls it with these positionals
+    self: Any,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor,
+    batch_size: int,
+    height: int,
+    width: int,
+    inner_dim: int,
+) -> torch.Tensor:
+    """diffusers' Transformer2DModel output for continuous inputs, without the copy."""
+    if not self.use_linear_projection:
+        grid = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+        hidden_states = self.proj_out(grid)
+    else:
+        hidden_states = self.proj_out(hidden_states)
+        hidden_states = hidden_states.reshape(batch_size, height, width, inner_dim)
+        hidden_states = hidden_states.permute(0, 3, 1, 2)
+    return hidden_states + residual
 
 
 def conv_weights_channels_last(module: torch.nn.Module) -> bool:
