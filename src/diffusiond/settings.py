@@ -56,7 +56,7 @@ class Settings:
     models_dir: Path | None = None  # every model folder / checkpoint file in it is a model
     loras_dir: Path | None = None  # None: models_dir/loras
     max_loaded_models: int = 1
-    compile: bool = False  # torch.compile the UNet and VAE decoder (slow first job)
+    compile: bool = False  # torch.compile the UNet (slow first job)
     backend: str = "diffusers"
     home: Path = field(default_factory=default_home)
     result_ttl_ms: int = 300_000
@@ -477,7 +477,7 @@ OPTIONS: tuple[Option, ...] = (
         "--compile",
         "DIFFUSIOND_COMPILE",
         _boolean,
-        "torch.compile the UNet and VAE decoder: faster steps after a first job that "
+        "torch.compile the UNet: faster steps after a first job that "
         "compiles (minutes on a CPU; cached under --home for the next start)",
         switch=True,
     ),

@@ -66,7 +66,7 @@ def test_channels_last_is_applied_and_draws_the_contiguous_picture(model_home: P
     assert psnr_db(image, reference) >= MIN_PSNR_DB
 
 
-def test_compile_marks_the_unet_and_decoder_and_points_the_cache_at_home(
+def test_compile_marks_the_unet_only_and_points_the_cache_at_home(
     model_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor-default")
@@ -76,7 +76,7 @@ def test_compile_marks_the_unet_and_decoder_and_points_the_cache_at_home(
     backend.load()  # compiling happens at the first call, not here
     pipeline = backend._pipeline
     assert pipeline.unet._compiled_call_impl is not None
-    assert pipeline.vae.decoder._compiled_call_impl is not None
+    assert pipeline.vae.decoder._compiled_call_impl is None  # eager measured faster
     assert pipeline.text_encoder._compiled_call_impl is None
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(inductor_cache_dir(model_home))
 
