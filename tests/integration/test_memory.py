@@ -24,7 +24,10 @@ pytestmark = pytest.mark.skipif(
 WARMUP_SIZES = 8  # oneDNN's 512 kernels fill in about six images: past that it stays flat
 NEW_SIZES = 20
 TORCH_DEFAULTS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"}
-FLAT_MB = 15.0
+# The kernels' size depends on the CPU oneDNN picks them for: on this project's machines the
+# capped server grew 8-15 MB over the new sizes on one CPU and 27-33 MB on another (uncapped
+# 128 MB there), so the bound is absolute but loose, and the cap must at least halve it.
+FLAT_MB = 48.0
 
 
 def _sizes() -> list[tuple[int, int]]:
@@ -69,4 +72,4 @@ def test_bfloat16_memory_stays_flat_over_new_image_sizes(model_home: Path) -> No
     bounded = _growth_over_new_sizes(model_home, {})
     unbounded = _growth_over_new_sizes(model_home, TORCH_DEFAULTS)
     assert bounded < FLAT_MB, f"grew {bounded:.1f} MB over {NEW_SIZES} new sizes"
-    assert unbounded > bounded + FLAT_MB, (bounded, unbounded)
+    assert unbounded > max(2 * bounded, bounded + 15.0), (bounded, unbounded)
